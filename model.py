@@ -1,0 +1,395 @@
+"""
+An OPT decoder (the Hugging Face `facebook/opt-*` family) in one file, nanoGPT style.
+
+The module names mirror the Hugging Face checkpoint keys (minus the `model.decoder.`
+prefix), so a real OPT state dict loads with a rename and one embedding permutation
+(OPT numbers the GPT-2 BPE tokens differently; we speak tiktoken `gpt2` ids).
+
+Attention is pluggable: `OPTConfig.attn` picks the module that turns (q, k, v) into a
+context, "dense" (softmax), "sea" (sea.py) or "performer" (FAVOR+ linear attention).
+`build_attention` is the one place that switch happens.
+"""
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sea import SEAConfig
+
+GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
+OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
+ATTENTION_KINDS = ("dense", "sea", "performer")
+
+
+@dataclass
+class OPTConfig:
+    n_layer: int = 4
+    n_embd: int = 128  # hidden size
+    n_head: int = 4
+    ffn_dim: int = 512
+    block_size: int = 256  # maximum sequence length (HF: max_position_embeddings)
+    proj_dim: Optional[int] = None  # word embedding width when it differs (350m: 512)
+    pre_ln: bool = True  # HF: do_layer_norm_before (False for opt-350m)
+    vocab_size: int = GPT2_VOCAB_SIZE
+    dropout: float = 0.0
+    attn: str = "dense"  # "dense" | "sea" | "performer"
+    sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea" and "performer"
+
+    def __post_init__(self):
+        if isinstance(self.sea, dict):  # coming back from a checkpoint
+            self.sea = SEAConfig(**self.sea)
+        if self.proj_dim is None:
+            self.proj_dim = self.n_embd
+        if self.attn not in ATTENTION_KINDS:
+            raise ValueError(f"attn={self.attn!r}: choose one of {ATTENTION_KINDS}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @staticmethod
+    def preset(name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        unknown = set(overrides) - set(OPTConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown OPTConfig field(s) {sorted(unknown)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+PRESETS = {
+    # small enough to train on a 2-core CPU in minutes
+    "tiny": OPTConfig(n_layer=4, n_embd=128, n_head=4, ffn_dim=512, block_size=256),
+    # the Hugging Face facebook/opt-* hyper-parameters
+    "opt-125m": OPTConfig(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072, block_size=2048),
+    "opt-350m": OPTConfig(n_layer=24, n_embd=1024, n_head=16, ffn_dim=4096, block_size=2048,
+                          proj_dim=512, pre_ln=False),
+    "opt-1.3b": OPTConfig(n_layer=24, n_embd=2048, n_head=32, ffn_dim=8192, block_size=2048),
+    "opt-2.7b": OPTConfig(n_layer=32, n_embd=2560, n_head=32, ffn_dim=10240, block_size=2048),
+}
+
+
+# -----------------------------------------------------------------------------
+# attention mechanisms: (q, k, v) of shape (B, H, T, D), q already scaled -> (out, aux)
+
+class DenseAttention(nn.Module):
+    """Causal softmax attention. SDPA for speed; eager when the probabilities are wanted."""
+
+    def forward(self, q, k, v, need_weights=False):
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            return out, {}
+        T = q.size(-2)
+        scores = (q @ k.transpose(-2, -1)).float()  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return (probs.to(v.dtype) @ v), {"probs": probs}
+
+
+def build_attention(config):
+    """The one place where `config.attn` picks the attention mechanism."""
+    if config.attn == "dense":
+        return DenseAttention()
+    from sea import PerformerAttention, SEAAttention
+    if config.attn == "sea":
+        return SEAAttention(config.n_head, config.head_dim, config.block_size, config.sea)
+    return PerformerAttention(config.head_dim, config.sea.nbf)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.scaling = config.head_dim ** -0.5
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.mechanism = build_attention(config)
+
+    def forward(self, x, need_internals=False):
+        B, T, C = x.shape
+        split_heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        q = split_heads(self.q_proj(x) * self.scaling)  # OPT scales q inside the projection
+        k = split_heads(self.k_proj(x))
+        v = split_heads(self.v_proj(x))
+        context, aux = self.mechanism(q, k, v, need_weights=need_internals)
+        y = self.out_proj(context.transpose(1, 2).reshape(B, T, C))
+        internals = dict(aux, q=q, k=k, context=context) if need_internals else None
+        return y, internals
+
+
+class OPTBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.pre_ln = config.pre_ln
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.n_embd)
+        self.fc1 = nn.Linear(config.n_embd, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, config.n_embd)
+        self.final_layer_norm = nn.LayerNorm(config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, need_internals=False):
+        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h, internals = self.self_attn(h, need_internals)
+        x = x + self.dropout(h)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_ln else x
+        x = x + self.dropout(self.fc2(F.relu(self.fc1(h))))
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x, internals
+
+
+class OPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.proj_dim)
+        self.embed_positions = nn.Embedding(c.block_size + OPT_POSITION_OFFSET, c.n_embd)
+        needs_projection = c.proj_dim != c.n_embd
+        self.project_in = nn.Linear(c.proj_dim, c.n_embd, bias=False) if needs_projection else None
+        self.project_out = nn.Linear(c.n_embd, c.proj_dim, bias=False) if needs_projection else None
+        self.layers = nn.ModuleList(OPTBlock(c) for _ in range(c.n_layer))
+        self.final_layer_norm = nn.LayerNorm(c.n_embd) if c.pre_ln else None
+        self.dropout = nn.Dropout(c.dropout)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) tiktoken gpt2 ids -> logits (B, T, vocab), mean cross-entropy or None."""
+        logits, _, _ = self.forward_internals(idx, need_internals=False)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def forward_internals(self, idx, need_internals=True):
+        """Logits plus what distillation and pictures need.
+
+        Returns (logits, hidden_states, layers): hidden_states are the L + 1 tensors
+        Hugging Face calls `hidden_states` (embedding output, every layer's output but
+        the last, the final normalized output); layers holds each layer's attention
+        internals (q, k, context and the mechanism's own aux). Both are empty lists when
+        need_internals is False.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size "
+                             f"{self.config.block_size} (its learned positions)")
+        positions = torch.arange(T, device=idx.device) + OPT_POSITION_OFFSET
+        x = self.embed_tokens(idx)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = self.dropout(x + self.embed_positions(positions))
+        hidden_states, layers = [], []
+        for block in self.layers:
+            if need_internals:
+                hidden_states.append(x)
+            x, internals = block(x, need_internals)
+            if need_internals:
+                layers.append(internals)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if need_internals:
+            hidden_states.append(x)
+        logits = F.linear(x, self.embed_tokens.weight)  # lm_head is tied to the embedding
+        return logits, hidden_states, layers
+
+    # -------------------------------------------------------------------------
+    # loading
+
+    def load_checked_state_dict(self, state_dict, source, strict=True):
+        """load_state_dict with errors that name the mismatched tensor and the likely fix."""
+        own = self.state_dict()
+        for name, tensor in state_dict.items():
+            if name in own and own[name].shape != tensor.shape:
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but this config "
+                    f"expects {tuple(own[name].shape)}; the weights were written for a different "
+                    f"model shape (check the preset/overrides you pass)")
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        if strict and (missing or unexpected):
+            raise ValueError(f"{source}: does not match the config: missing tensors {missing}, "
+                             f"unexpected tensors {unexpected}")
+        return missing
+
+    @classmethod
+    def from_checkpoint(cls, path, **overrides):
+        """Load a checkpoint written by train.py (it carries its own config)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}: pass the ckpt.pt written by train.py")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path} is not a train.py checkpoint (no 'config'/'model' entries); "
+                             f"for a Hugging Face OPT directory use OPT.from_pretrained / --init-from")
+        config = OPTConfig(**{**ckpt["config"], **overrides})
+        model = cls(config)
+        # a student checkpoint must hold every tensor; a teacher loaded as a SEA/performer
+        # student (attn override) legitimately lacks the new attention parameters
+        model.load_checked_state_dict(ckpt["model"], str(path), strict=not overrides)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, cache_dir=None, **overrides):
+        """Load a Hugging Face OPT checkpoint from a directory, or download it by hub name."""
+        directory = Path(name_or_dir)
+        if is_hub_name(name_or_dir):
+            directory = download_hf_checkpoint(str(name_or_dir), cache_dir)
+        elif not directory.is_dir():
+            raise FileNotFoundError(f"{directory} is not a directory (pass a Hugging Face OPT "
+                                    f"directory or a hub name such as facebook/opt-125m)")
+        hf_config = json.loads(_require_file(directory / "config.json").read_text())
+        config = OPTConfig(**{**config_from_hf(hf_config), **overrides})
+        state = read_hf_state_dict(directory)
+        vocab = json.loads(_require_file(directory / "vocab.json").read_text(encoding="utf-8"))
+        state["embed_tokens.weight"] = state["embed_tokens.weight"][opt_ids_for_gpt2_tokens(vocab)]
+        model = cls(config)
+        model.load_checked_state_dict(state, str(directory), strict=config.attn == "dense")
+        return model
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face OPT checkpoints
+
+HF_FILES_URL = "https://huggingface.co/{name}/resolve/main/{file}"
+
+
+def is_hub_name(name):
+    """'facebook/opt-125m' is a hub name; '/data/opt', './opt' or 'opt' are local paths."""
+    return re.fullmatch(r"[\w-]+/[\w.-]+", str(name)) is not None and not Path(name).exists()
+
+
+def default_cache_dir():
+    return Path(os.environ.get("SEA_CACHE_DIR", Path(__file__).resolve().parent / ".cache"))
+
+
+def _require_file(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path.name} in {path.parent} (a Hugging Face OPT "
+                                f"checkpoint directory holds config.json, vocab.json and "
+                                f"pytorch_model.bin or model.safetensors)")
+    return path
+
+
+def config_from_hf(hf):
+    """Translate a Hugging Face OPT config.json into OPTConfig fields."""
+    if hf.get("activation_function", "relu") != "relu":
+        raise ValueError(f"only ReLU OPT models are supported, got {hf['activation_function']}")
+    if hf.get("_remove_final_layer_norm", False) or not hf.get("enable_bias", True):
+        raise ValueError("OPT variants without biases or final layer norm are not supported")
+    return dict(n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
+                n_head=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"],
+                block_size=hf["max_position_embeddings"],
+                proj_dim=hf.get("word_embed_proj_dim", hf["hidden_size"]),
+                pre_ln=hf.get("do_layer_norm_before", True), vocab_size=GPT2_VOCAB_SIZE)
+
+
+def read_hf_state_dict(directory):
+    """HF keys ('model.decoder.x' or 'decoder.x') -> our keys ('x'); lm_head is tied, dropped."""
+    if (directory / "pytorch_model.bin").is_file():
+        raw = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    elif (directory / "model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{directory} holds model.safetensors: pip install safetensors") from None
+        raw = load_file(directory / "model.safetensors")
+    else:
+        _require_file(directory / "pytorch_model.bin")
+    state = {}
+    for key, tensor in raw.items():
+        if key == "lm_head.weight":
+            continue
+        for prefix in ("model.decoder.", "decoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = tensor.float()
+    return state
+
+
+def download_hf_checkpoint(name, cache_dir=None):
+    """Fetch config.json, vocab.json and the weights of `name` (e.g. facebook/opt-125m)."""
+    directory = Path(cache_dir or default_cache_dir()) / "hf" / name.replace("/", "--")
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in ("config.json", "vocab.json", ("pytorch_model.bin", "model.safetensors")):
+        choices = file if isinstance(file, tuple) else (file,)
+        if any((directory / f).is_file() for f in choices):
+            continue
+        errors = []
+        for f in choices:
+            url = HF_FILES_URL.format(name=name, file=f)
+            try:
+                print(f"downloading {url}")
+                urllib.request.urlretrieve(url, directory / (f + ".part"))
+                (directory / (f + ".part")).rename(directory / f)
+                break
+            except (urllib.error.URLError, OSError) as e:
+                errors.append(f"{url}: {e}")
+        else:
+            raise ConnectionError(
+                f"could not download {name!r} ({'; '.join(errors)}). Offline? Put config.json, "
+                f"vocab.json and pytorch_model.bin in a directory and pass that directory "
+                f"instead (--init-from DIR / --teacher DIR)")
+    return directory
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character map used by vocab.json keys."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def opt_ids_for_gpt2_tokens(vocab):
+    """LongTensor (50257,): entry t is the OPT id of tiktoken gpt2 token t (50256 -> </s>)."""
+    from train import get_tokenizer
+    enc = get_tokenizer()
+    byte_char = bytes_to_unicode()
+    ids = []
+    for t in range(GPT2_VOCAB_SIZE - 1):
+        key = "".join(byte_char[b] for b in enc.decode_single_token_bytes(t))
+        if key not in vocab:
+            raise ValueError(f"vocab.json has no entry for GPT-2 token {t} ({key!r}); "
+                             f"is this an OPT checkpoint?")
+        ids.append(vocab[key])
+    if "</s>" not in vocab:
+        raise ValueError("vocab.json has no '</s>' entry; is this an OPT checkpoint?")
+    ids.append(vocab["</s>"])  # OPT's </s> (BOS/EOS) plays GPT-2's <|endoftext|>
+    return torch.tensor(ids)

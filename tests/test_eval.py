@@ -1,0 +1,32 @@
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import eval as evaluate
+from model import OPT, OPTConfig
+
+
+def test_perplexity_is_exp_mean_nll():
+    torch.manual_seed(0)
+    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50257, 75).astype(np.uint16)  # 4 full windows + 11
+    ppl, scored = evaluate.perplexity(model, tokens, block_size=16, batch_size=3)
+    nlls = []
+    with torch.no_grad():
+        for start in range(0, len(tokens), 16):
+            window = torch.tensor(tokens[start:start + 16].astype(np.int64))
+            logp = F.log_softmax(model(window[None])[0][0], dim=-1)
+            nlls += [-logp[i, window[i + 1]].item() for i in range(len(window) - 1)]
+    assert scored == len(nlls) == 4 * 15 + 10
+    assert math.isclose(ppl, math.exp(sum(nlls) / len(nlls)), rel_tol=1e-5)
+
+
+def test_eval_cli_on_checkpoint(wikitext, tmp_path, capsys):
+    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=32))
+    torch.save(dict(model=model.state_dict(), config=model.config.to_dict()), tmp_path / "ckpt.pt")
+    ppl = evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data-dir", str(wikitext), "--split", "valid"])
+    out = capsys.readouterr().out
+    assert "valid perplexity" in out and "tokens" in out
+    assert 1 < ppl < 1e6

@@ -1,0 +1,66 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import OPT
+from train import get_batch, load_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--batch-size", "4", "--block-size", "32", "--eval-iters", "2", "--log-interval", "5",
+        "--warmup-iters", "2", "--dtype", "float32"]
+
+
+def val_loss(model, tokens):
+    x, y = get_batch(tokens, 8, 32, torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        return model.eval()(x, y)[1].item()
+
+
+def test_dense_training_lowers_loss_and_resumes(wikitext, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--method", "dense", "--preset", "tiny", "--data-dir", str(wikitext), "--out-dir", str(out),
+            *FAST]
+    train.main([*args, "--max-iters", "20", "--eval-interval", "10"])
+    first = torch.load(out / "ckpt.pt", weights_only=False)
+    assert first["iter"] == 20
+    model = OPT.from_checkpoint(out / "ckpt.pt")
+    tokens = load_tokens("valid", wikitext)
+    torch.manual_seed(1337)  # the same initial weights train.py started from
+    fresh = OPT(model.config)
+    assert val_loss(model, tokens) < val_loss(fresh, tokens) - 1.0
+    log = capsys.readouterr().out
+    assert "iter 20/20 | loss" in log and "tok/s" in log and "val loss" in log
+
+    train.main([*args, "--max-iters", "30", "--eval-interval", "10", "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=False)["iter"] == 30
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--preset", "opt-7b"], "unknown preset"),
+    (["--block-size", "4096"], "exceeds the model's 256"),
+    (["--init-from", "/no/such/dir"], "no such file"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_flags_fail_with_message(wikitext, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-dir", str(wikitext), "--out-dir", str(tmp_path / "o"), "--max-iters", "1",
+                    *flags])
+    assert message in capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_torchrun_two_processes_gloo(wikitext, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--data-dir", str(wikitext), "--out-dir", str(tmp_path / "ddp"),
+           "--device", "cpu", "--max-iters", "4", "--eval-interval", "4", *FAST]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stdout
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["iter"] == 4

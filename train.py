@@ -1,0 +1,345 @@
+"""
+Train on WikiText-2: a dense OPT teacher (from scratch or fine-tuned), or a SEA / Performer
+student distilled from a teacher. Also home of the data and tokenizer helpers.
+
+    python train.py --method dense --preset tiny               # tiny teacher from scratch
+    python train.py --method dense --init-from facebook/opt-125m --block-size 2048
+    torchrun --standalone --nproc_per_node=2 train.py --method dense --preset tiny
+
+Data: WikiText-2 from --data-dir (or $SEA_DATA_DIR) in either published layout
+(wiki.{split}.raw or wiki.{split}.tokens); without one the raw variant is downloaded.
+Token ids are tiktoken "gpt2" ids, cached as uint16 .bin files in $SEA_CACHE_DIR
+(default: .cache/ next to this file).
+"""
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+import urllib.request
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import OPT, OPTConfig, PRESETS, default_cache_dir, is_hub_name
+
+# -----------------------------------------------------------------------------
+# tokenizer and data
+
+SPLITS = ("train", "valid", "test")
+DATA_ENV = "SEA_DATA_DIR"
+WIKITEXT2_RAW_URL = "https://wikitext.smerity.com/wikitext-2-raw-v1.zip"
+_tokenizer = None
+
+
+def get_tokenizer():
+    """tiktoken's gpt2 BPE; offline it needs $TIKTOKEN_CACHE_DIR pointing at a ready cache."""
+    global _tokenizer
+    if _tokenizer is None:
+        import tiktoken
+        try:
+            _tokenizer = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise ConnectionError(
+                f"could not load tiktoken's gpt2 encoding ({type(e).__name__}: {e}). Offline? "
+                f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
+    return _tokenizer
+
+
+def find_split_file(data_dir, split):
+    """The split's file in either published layout: wiki.{split}.raw or wiki.{split}.tokens."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist (set by --data-dir "
+                                f"or ${DATA_ENV})")
+    candidates = [data_dir / f"wiki.{split}.raw", data_dir / f"wiki.{split}.tokens"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no WikiText-2 {split} split in {data_dir}: expected "
+                            f"{candidates[0].name} (raw layout) or {candidates[1].name} (v1 layout)")
+
+
+def download_wikitext2_raw(cache_dir):
+    """Download and unpack the raw WikiText-2 archive; returns the folder with wiki.*.raw."""
+    target = Path(cache_dir) / "wikitext-2-raw"
+    if all((target / f"wiki.{s}.raw").is_file() for s in SPLITS):
+        return target
+    archive = Path(cache_dir) / "wikitext-2-raw-v1.zip"
+    try:
+        if not archive.is_file():
+            print(f"downloading WikiText-2 (raw) from {WIKITEXT2_RAW_URL}")
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(WIKITEXT2_RAW_URL, archive.with_suffix(".part"))
+            archive.with_suffix(".part").rename(archive)
+    except OSError as e:
+        raise ConnectionError(f"could not download WikiText-2 ({e}). Offline? Pass --data-dir (or set "
+                           f"${DATA_ENV}) to a folder with wiki.{{train,valid,test}}.raw or "
+                           f".tokens files") from e
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(cache_dir)  # the archive holds wikitext-2-raw/wiki.{split}.raw
+    return target
+
+
+def load_tokens(split, data_dir=None, cache_dir=None):
+    """The split tokenized with gpt2, as a uint16 array; tokenized once, then read from cache."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    data_dir = data_dir or os.environ.get(DATA_ENV) or download_wikitext2_raw(cache_dir)
+    source = find_split_file(data_dir, split)
+    raw = source.read_bytes()
+    digest = hashlib.sha1(raw).hexdigest()[:16]  # a changed source file gets a new cache entry
+    cached = cache_dir / "tokens" / f"{source.name}.{digest}.bin"
+    if cached.is_file():
+        return np.fromfile(cached, dtype=np.uint16)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source} is not UTF-8 text ({e}); expected a WikiText-2 split") from e
+    if not text.strip():
+        raise ValueError(f"{source} is empty; expected a WikiText-2 split")
+    print(f"tokenizing {source} ...")
+    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tokens.tofile(cached.with_suffix(".part"))
+    cached.with_suffix(".part").rename(cached)
+    print(f"cached {len(tokens):,} tokens in {cached}")
+    return tokens
+
+
+def get_batch(tokens, batch_size, block_size, generator, device):
+    """Random windows: x (B, T) and the next tokens y (B, T)."""
+    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
+    window = torch.stack([torch.from_numpy(tokens[s:s + block_size + 1].astype(np.int64))
+                          for s in starts.tolist()])
+    return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+# -----------------------------------------------------------------------------
+# devices, precision, distributed
+
+def autocast_context(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def setup_distributed(device_flag):
+    """(rank, world_size, device); under torchrun one process per GPU, or gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_flag)
+    import torch.distributed as dist
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device_flag.startswith("cuda"):
+        dist.init_process_group(backend="nccl")
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group(backend="gloo")
+    return rank, world, torch.device("cpu")
+
+
+# -----------------------------------------------------------------------------
+# models and optimizer
+
+def load_model(path_or_name, **overrides):
+    """A train.py checkpoint (file) or a Hugging Face OPT (directory or hub name)."""
+    if Path(path_or_name).is_file():
+        return OPT.from_checkpoint(path_or_name, **overrides)
+    if Path(path_or_name).is_dir() or is_hub_name(path_or_name):
+        return OPT.from_pretrained(path_or_name, **overrides)
+    raise FileNotFoundError(f"{path_or_name}: no such checkpoint file or directory (pass a ckpt.pt "
+                            f"from train.py, a Hugging Face OPT directory, or a hub name such as "
+                            f"facebook/opt-125m)")
+
+
+def build_student(args):
+    """The model to train: fresh, from a checkpoint, or a copy of the teacher."""
+    if args.init_from:
+        return load_model(args.init_from)
+    return OPT(OPTConfig.preset(args.preset))
+
+
+def make_optimizer(model, args):
+    """AdamW; 2-D weights decay, biases and norms do not. Groups carry an lr_scale."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay, lr_scale=1.0),
+              dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(it, args):
+    """Linear warm-up, then cosine decay to min_lr."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = min(1.0, (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters))
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def estimate_val_loss(model, tokens, args, device):
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(args.eval_iters):
+        x, y = get_batch(tokens, args.batch_size, args.block_size, generator, device)
+        with autocast_context(device, args.dtype):
+            losses.append(model(x, y)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(path, model, optimizer, it, best_val, args):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=model.state_dict(), config=model.config.to_dict(),
+                    optimizer=optimizer.state_dict(), iter=it, best_val=best_val,
+                    args=vars(args)), path.with_suffix(".part"))
+    path.with_suffix(".part").rename(path)
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+def train(args):
+    rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+    ckpt_path = Path(args.out_dir) / "ckpt.pt"
+
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model = OPT.from_checkpoint(ckpt_path)
+    else:
+        checkpoint, model = None, build_student(args)
+    args.block_size = args.block_size or model.config.block_size
+    if args.block_size > model.config.block_size:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's "
+                         f"{model.config.block_size} learned positions")
+    model.to(device)
+    optimizer = make_optimizer(model, args)
+    start_iter, best_val = 0, float("inf")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_iter, best_val = checkpoint["iter"], checkpoint["best_val"]
+        if master:
+            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+
+    train_tokens = load_tokens("train", args.data_dir, args.cache_dir)
+    val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+    generator = torch.Generator().manual_seed(args.seed + rank)
+    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world
+    if master:
+        print(f"{args.method}: {model.num_params() / 1e6:.1f}M parameters, attn={model.config.attn}, "
+              f"{tokens_per_iter:,} tokens per iteration on {world} x {device} ({args.dtype})")
+
+    model.train()
+    started = last_log = time.time()
+    for it in range(start_iter, args.max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, args) * group["lr_scale"]
+        for micro in range(args.grad_accum):
+            x, y = get_batch(train_tokens, args.batch_size, args.block_size, generator, device)
+            sync = micro == args.grad_accum - 1 or world == 1
+            with (nullcontext() if sync else ddp_model.no_sync()), autocast_context(device, args.dtype):
+                loss = ddp_model(x, y)[1] / args.grad_accum
+            scaler.scale(loss).backward()
+        if args.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = it + 1
+        if master and (done % args.log_interval == 0 or done == args.max_iters):
+            now = time.time()
+            iters = done - max(start_iter, done - args.log_interval)
+            print(f"iter {done}/{args.max_iters} | loss {loss.item() * args.grad_accum:.4f} | "
+                  f"lr {lr_at(it, args):.2e} | {iters * tokens_per_iter / (now - last_log):,.0f} tok/s | "
+                  f"{now - started:.0f}s", flush=True)
+            last_log = now
+        if master and (done % args.eval_interval == 0 or done == args.max_iters):
+            val = estimate_val_loss(model, val_tokens, args, device)
+            best_val = min(best_val, val)
+            save_checkpoint(ckpt_path, model, optimizer, done, best_val, args)
+            print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {ckpt_path}",
+                  flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return ckpt_path
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["dense"], default="dense",
+                   help="dense: train a teacher")
+    p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
+    p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
+                                       "or a hub name (facebook/opt-125m)")
+    p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--data-dir", help=f"WikiText-2 folder (default ${DATA_ENV}, else download)")
+    p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
+    p.add_argument("--block-size", type=int, help="training sequence length (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-iters", type=int, default=600)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 from scratch, 2e-5 fine-tuning)")
+    p.add_argument("--min-lr", type=float, help="final learning rate (default lr / 10)")
+    p.add_argument("--warmup-iters", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-interval", type=int, default=200)
+    p.add_argument("--eval-iters", type=int, default=20)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default bfloat16 on CPU and capable GPUs, else float16)")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    return fill_defaults(args, p)
+
+
+def fill_defaults(args, parser):
+    if args.preset not in PRESETS:
+        parser.error(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+    if args.init_from and not (Path(args.init_from).exists() or is_hub_name(args.init_from)):
+        parser.error(f"--init-from {args.init_from}: no such file or directory")
+    args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
+    args.lr = args.lr or (2e-5 if args.init_from else 1e-3)
+    args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    if args.dtype is None:
+        cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        args.dtype = "bfloat16" if args.device == "cpu" or cuda_bf16 else "float16"
+    if args.block_size is not None and args.block_size < 1:
+        parser.error("--block-size must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        train(args)
+    except (ValueError, OSError) as e:  # bad input or missing files: say what and how to fix it
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
