@@ -3,6 +3,9 @@ Evaluate a model on WikiText-2.
 
     python eval.py --ckpt out/dense-tiny/ckpt.pt                 # test perplexity
     python eval.py --init-from facebook/opt-125m --split valid   # a Hugging Face OPT
+    python eval.py --ckpt out/sea-tiny/ckpt.pt --teacher out/dense-tiny/ckpt.pt --plot sea.png
+                   # + ratio to the teacher, SEA mask statistics, attention-map picture
+    python eval.py --bench [--plot bench.png]   # latency / peak memory of attention, 1k..32k
 
 Perplexity protocol (SEA.md section 5): the split's text tokenized once, cut into
 non-overlapping windows of --block-size tokens; every window scores the next-token
@@ -10,12 +13,20 @@ predictions inside it; perplexity = exp(mean token NLL).
 """
 
 import argparse
+import json
 import math
+import os
+import resource
+import subprocess
 import sys
+import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from model import OPT, DenseAttention, OPTConfig
+from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask
 from train import SPLITS, autocast_context, load_model, load_tokens
 
 
@@ -40,29 +51,323 @@ def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="flo
     return math.exp(total_nll / scored), scored
 
 
+def sample_windows(tokens, block_size, count):
+    """The first `count` non-overlapping windows of the split, (count, block_size) int64."""
+    usable = min(count, len(tokens) // block_size)
+    return torch.as_tensor(tokens[:usable * block_size].astype("int64")).view(usable, block_size)
+
+
+@torch.no_grad()
+def attention_internals(student, teacher, idx):
+    """Per layer: the teacher's attention probabilities and the SEA student's internals."""
+    _, _, teacher_layers = teacher.eval().forward_internals(idx)
+    _, _, student_layers = student.eval().forward_internals(idx)
+    return teacher_layers, student_layers
+
+
+def oracle_recall(teacher_probs, kept_per_row):
+    """Teacher mass on its own top keys, grouped across heads like SEA, with SEA's budget.
+
+    teacher_probs (B, H, T, T); kept_per_row (B, T) keys SEA kept per query (all heads).
+    """
+    B, H, T, _ = teacher_probs.shape
+    cells = teacher_probs.transpose(1, 2).reshape(B, T, H * T)
+    best = cells.sort(dim=-1, descending=True).values.cumsum(-1)  # (B, T, H*T)
+    return (best.gather(-1, (kept_per_row.long() - 1)[..., None]).squeeze(-1) / H).mean().item()
+
+
+def mask_statistics(student, teacher, tokens, block_size, windows=4):
+    """Mean kept keys per query per head (all rows, and the second half of each window) and
+    mask recall: the share of the teacher's attention mass on SEA's kept keys, next to the
+    oracle that keeps the teacher's own top keys with the same per-row budget."""
+    idx = sample_windows(tokens, block_size, windows)
+    teacher_layers, student_layers = attention_internals(student, teacher, idx)
+    T, half = idx.size(1), idx.size(1) // 2
+    kept, kept_late, late_fraction, recall, oracle = [], [], [], [], []
+    for t_layer, s_layer in zip(teacher_layers, student_layers):
+        mask, probs = kept_key_mask(s_layer["kept_bins"]), t_layer["probs"]
+        per_head = mask.sum(-1).float()  # (B, H, T)
+        kept.append(per_head.mean().item())
+        kept_late.append(per_head[:, :, half:].mean().item())
+        late_fraction.append((per_head[:, :, half:] / torch.arange(half + 1, T + 1)).mean().item())
+        recall.append((probs * mask).sum(-1).mean().item())
+        oracle.append(oracle_recall(probs, s_layer["kept_per_row"]))
+    average = lambda xs: sum(xs) / len(xs)
+    return dict(kept_per_head=average(kept), kept_per_head_late=average(kept_late),
+                kept_fraction_late=average(late_fraction), recall=average(recall),
+                oracle_recall=average(oracle))
+
+
+def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0):
+    """Teacher attention, SEA's estimated attention and SEA's kept keys, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    idx = sample_windows(tokens, block_size, 1)
+    teacher_layers, student_layers = attention_internals(student, teacher, idx)
+    t_layer, s_layer = teacher_layers[layer], student_layers[layer]
+    panels = [("teacher attention", t_layer["probs"][0, head]),
+              ("SEA estimated attention", estimated_attention_map(s_layer["scores"])[0, head]),
+              ("SEA kept keys", kept_key_mask(s_layer["kept_bins"])[0, head].float())]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
+    for ax, (title, image) in zip(axes, panels):
+        shown = image.clamp_min(1e-4).log10() if "attention" in title else image
+        ax.imshow(shown.numpy(), cmap="viridis" if "attention" in title else "gray_r", interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    layer_number = layer % len(teacher_layers)
+    fig.suptitle(f"layer {layer_number}, head {head}, first window ({idx.size(1)} tokens) of the split "
+                 f"(attention maps on a log10 scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None):
+    """One results row: perplexity, ratio to the teacher, and SEA's mask statistics."""
+    ppl, scored = perplexity(model, tokens, block_size, batch_size, device, dtype)
+    row = dict(attn=model.config.attn, ppl=ppl, tokens=scored)
+    if teacher is not None:
+        teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype)[0]
+        row["ratio"] = ppl / teacher_ppl
+        if model.config.attn == "sea":
+            row.update(mask_statistics(model.cpu(), teacher.cpu(), tokens, block_size))
+    return row
+
+
+def format_row(name, row):
+    text = f"{name:<10} {row['ppl']:>9.2f}"
+    if "ratio" in row:
+        text += f" {row['ratio']:>8.3f}"
+    if "kept_per_head" in row:
+        text += (f"   kept/head {row['kept_per_head']:.1f} (late rows {row['kept_per_head_late']:.1f}, "
+                 f"{100 * row['kept_fraction_late']:.1f}% of the row)  recall {row['recall']:.3f} "
+                 f"(oracle {row['oracle_recall']:.3f})")
+    return text
+
+
+# -----------------------------------------------------------------------------
+# benchmark: latency and peak memory of the attention alone, and of a whole model.
+# Every measurement runs in a child process of its own, so its peak memory is its own.
+
+BENCH_METHODS = ("eager", "sdpa", "performer", "sea-torch", "sea-triton")
+
+
+def attention_under_test(method, heads, length, head_dim, device, dtype, sea):
+    """A function that runs one causal attention of `method` on random (1, H, T, D) inputs."""
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
+    q = q * head_dim ** -0.5
+    if method in ("eager", "sdpa"):
+        module = DenseAttention(eager=method == "eager")
+    elif method == "performer":
+        module = PerformerAttention(head_dim, sea.nbf)
+    else:
+        module = SEAAttention(heads, head_dim, length, replace(sea, use_kernel=method == "sea-triton"))
+    module = module.to(device).eval()
+    return lambda: module(q, k, v)
+
+
+def model_under_test(attn, length, device, dtype, sea):
+    """A function that runs an OPT-125m-shaped forward (random weights) on one sequence."""
+    model = OPT(OPTConfig.preset("opt-125m", attn="dense" if attn == "eager" else attn, sea=sea))
+    for module in model.modules():
+        if isinstance(module, DenseAttention):
+            module.eager = attn == "eager"
+    model = model.to(device).eval()
+    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    def run():
+        with autocast_context(torch.device(device), dtype):
+            model(idx)
+    return run
+
+
+def time_and_peak_memory(run, device, max_seconds=3.0, max_repeats=5):
+    """Median seconds of `run` after a warm-up; peak bytes (CUDA: allocated; CPU: process RSS)."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad():
+        run()  # warm-up, and Triton compilation
+        synchronize()
+        while not times or (len(times) < max_repeats and sum(times) < max_seconds):
+            start = time.perf_counter()
+            run()
+            synchronize()
+            times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    return sorted(times)[len(times) // 2], peak
+
+
+def bench_child(spec):
+    """Runs in the child process: one measurement, printed as JSON."""
+    torch.manual_seed(0)
+    sea, dtype = SEAConfig(**spec["sea"]), getattr(torch, spec["dtype"])
+    if spec["kind"] == "model":
+        run = model_under_test(spec["method"], spec["length"], spec["device"], spec["dtype"], sea)
+    else:
+        run = attention_under_test(spec["method"], spec["heads"], spec["length"], spec["head_dim"],
+                                   spec["device"], dtype, sea)
+    seconds, peak = time_and_peak_memory(run, spec["device"])
+    print(json.dumps(dict(seconds=seconds, peak=peak)))
+
+
+def measure_in_child(spec):
+    """(seconds, peak bytes), or None when the child failed (out of memory, say)."""
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench-child", json.dumps(spec)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"  {spec['method']} at T={spec['length']} failed: {result.stderr.strip().splitlines()[-1:]}")
+        return None
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer["seconds"], answer["peak"]
+
+
+def memory_budget(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def growth_exponent(lengths, seconds, from_length=8192):
+    """Least-squares slope of log(time) against log(T), over T >= from_length when possible."""
+    points = [(math.log(t), math.log(s)) for t, s in zip(lengths, seconds) if s is not None]
+    late = [(x, y) for (x, y), t in zip(points, lengths) if t >= from_length]
+    points = late if len(late) >= 2 else points
+    if len(points) < 2:
+        return None
+    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), model_length=2048, plot=None):
+    methods = [m for m in BENCH_METHODS if m != "sea-triton" or device.startswith("cuda")]
+    budget = memory_budget(device)
+    common = dict(kind="attention", heads=heads, head_dim=head_dim, device=device, dtype=dtype,
+                  sea=dict(sea.__dict__))
+    print(f"attention alone, causal, B=1 H={heads} D={head_dim}, T_M={sea.predictor_length} "
+          f"k={sea.k}, on {device_name(device)}, {dtype}; time (ms) / peak memory (MB)")
+    print(f"{'T':>7} " + " ".join(f"{m:>20}" for m in methods))
+    results = {m: [] for m in methods}
+    for length in lengths:
+        cells = []
+        for method in methods:
+            eager_bytes = 3 * heads * length * length * 4  # scores, probabilities, a masked copy
+            if method == "eager" and eager_bytes > 0.6 * budget:
+                result = None
+                cells.append(f"{'(would not fit)':>20}")
+            else:
+                result = measure_in_child(dict(common, method=method, length=length))
+                cells.append(f"{result[0] * 1e3:>10.1f} / {result[1] / 2**20:>7.0f}" if result else f"{'failed':>20}")
+            results[method].append(result)
+        print(f"{length:>7} " + " ".join(cells), flush=True)
+
+    print("growth exponent of time vs T (fitted over T >= 8k where measured):")
+    for method in methods:
+        exponent = growth_exponent(lengths, [r and r[0] for r in results[method]])
+        print(f"  {method:<11} {'n/a' if exponent is None else f'{exponent:.2f}'}")
+    for sea_method in [m for m in methods if m.startswith("sea")]:
+        faster = [t for t, s, d in zip(lengths, results[sea_method], results["sdpa"]) if s and d and s[0] < d[0]]
+        print(f"{sea_method} is faster than sdpa from T = {faster[0] if faster else 'never (in this range)'}")
+
+    print(f"whole model, OPT-125m shape (random weights), one sequence of T={model_length}:")
+    for attn in ("eager", "sea"):
+        result = measure_in_child(dict(common, kind="model", method=attn, length=model_length))
+        if result:
+            print(f"  {attn:<6} {model_length / result[0]:>9,.0f} tokens/s   peak memory {result[1] / 2**20:,.0f} MB")
+    if plot:
+        plot_benchmark(lengths, results, plot, f"{device_name(device)}, {dtype}")
+    return results
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def plot_benchmark(lengths, results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, rows in results.items():
+        points = [(t, r) for t, r in zip(lengths, rows) if r]
+        if points:
+            ax_time.plot([t for t, _ in points], [r[0] * 1e3 for _, r in points], "o-", label=method)
+            ax_memory.plot([t for t, _ in points], [r[1] / 2**20 for _, r in points], "o-", label=method)
+    for ax, label in ((ax_time, "latency (ms)"), (ax_memory, "peak memory (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"causal attention alone: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a checkpoint written by train.py")
     source.add_argument("--init-from", help="a Hugging Face OPT directory or hub name")
+    source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
+    source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
+    p.add_argument("--bench-lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="comma-separated sequence lengths for --bench")
+    p.add_argument("--bench-heads", type=int, default=12)
+    p.add_argument("--bench-model-length", type=int, default=2048,
+                   help="sequence length of the whole-model line of --bench")
+    p.add_argument("--teacher", help="a dense teacher: adds the perplexity ratio and, for SEA, "
+                                     "mask statistics (kept keys, recall vs oracle)")
+    p.add_argument("--plot", help="PNG file: teacher vs SEA estimated attention vs SEA kept keys "
+                                  "(with --bench: latency and memory against T)")
+    p.add_argument("--layer", type=int, default=-1, help="layer for --plot (default the last)")
+    p.add_argument("--head", type=int, default=0, help="head for --plot")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--block-size", type=int, help="window length (default: the model's block_size)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", help="WikiText-2 folder (default $SEA_DATA_DIR, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default float32; --bench: float16 on CUDA, float32 on CPU")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench_child:
+        return bench_child(json.loads(args.bench_child))
+    if args.bench:
+        dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+        lengths = [int(t) for t in args.bench_lengths.split(",")]
+        return benchmark(lengths, args.device, dtype, heads=args.bench_heads,
+                         model_length=args.bench_model_length, plot=args.plot)
 
     model = load_model(args.ckpt or args.init_from).to(args.device)
     block_size = args.block_size or model.config.block_size
     if not 2 <= block_size <= model.config.block_size:
         p.error(f"--block-size {block_size} must be between 2 and the model's {model.config.block_size}")
+    if args.plot and not args.teacher:
+        p.error("--plot needs --teacher (the picture compares SEA with the teacher's attention)")
+    if args.plot and model.config.attn != "sea":
+        p.error(f"--plot draws SEA's estimate and mask; this model has attn={model.config.attn}")
+    teacher = load_model(args.teacher).to(args.device) if args.teacher else None
     tokens = load_tokens(args.split, args.data_dir, args.cache_dir)
-    ppl, scored = perplexity(model, tokens, block_size, args.batch_size, args.device, args.dtype)
-    print(f"{args.split} perplexity {ppl:.2f} over {scored:,} tokens "
+    row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype or "float32")
+    print(f"{args.split} perplexity {row['ppl']:.2f} over {row['tokens']:,} tokens "
           f"(windows of {block_size}, attn={model.config.attn})")
-    return ppl
+    if teacher is not None:
+        print(f"{'model':<10} {'ppl':>9} {'ratio':>8}\n{format_row(model.config.attn, row)}")
+    if args.plot:
+        plot_attention(model.cpu(), teacher.cpu(), tokens, block_size, args.plot, args.layer, args.head)
+    return row['ppl']
 
 
 if __name__ == "__main__":

@@ -86,17 +86,27 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # attention mechanisms: (q, k, v) of shape (B, H, T, D), q already scaled -> (out, aux)
 
+def causal_attention_probs(q, k):
+    """softmax(q k^T) over keys j <= i, in float32: (B, H, T, D) x 2 -> (B, H, T, T)."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)).float()
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
 class DenseAttention(nn.Module):
-    """Causal softmax attention. SDPA for speed; eager when the probabilities are wanted."""
+    """Causal softmax attention. SDPA for speed; eager (the T x T probabilities materialized,
+    as Hugging Face's OPT does) when they are wanted, or always with eager=True."""
+
+    def __init__(self, eager=False):
+        super().__init__()
+        self.eager = eager
 
     def forward(self, q, k, v, need_weights=False):
-        if not need_weights:
+        if not (need_weights or self.eager):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             return out, {}
-        T = q.size(-2)
-        scores = (q @ k.transpose(-2, -1)).float()  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        probs = causal_attention_probs(q, k)
         return (probs.to(v.dtype) @ v), {"probs": probs}
 
 

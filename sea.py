@@ -1,13 +1,39 @@
-"""SEA: Sparse linear attention with an Estimated Attention mask (Lee et al., ICLR 2024)."""
+"""
+SEA: Sparse linear attention with an Estimated Attention mask (Lee et al., ICLR 2024).
 
+Every query's attention row is first *estimated* cheaply, in a compressed form of
+M = T_M bins, then a few bins are kept and exact softmax attention runs on their
+keys only. The steps follow the paper (and ../shared/SEA.md section 3):
+
+  1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
+  2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
+  3. decode            a small causal CNN turns e into compressed scores s_hat
+  4. probabilities     p_hat = softmax(s_hat) over the M bins
+  5. grouped top-k     keep the best bins of all heads together, a budget per row
+  6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, key)
+  7. sparse attention  exact softmax over the kept keys, times a gate
+  8. mix               with the running mean of the values, by a second gate
+
+Shapes: B batch, H heads, T sequence, D head dim, M bins, R query rows of a chunk.
+Nothing here is T x T except the helpers for the loss and pictures at the bottom.
+"""
+
+import math
 from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
 class SEAConfig:
-    k: int = 64  # kept keys per query per head (on long rows)
-    predictor_length: int = 256  # T_M, width of the compressed attention rows
+    k: int = 64  # kept keys per query per head on long rows
+    predictor_length: int = 256  # M = T_M, the width of a compressed attention row
     nbf: int = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
+    query_chunk: int = 256  # query rows per step-3..7 chunk at inference (bounds memory)
+    use_kernel: Optional[bool] = None  # Triton sparse attention: None = on CUDA at inference
 
     def __post_init__(self):
         if self.k < 1:
@@ -17,3 +43,303 @@ class SEAConfig:
                              f"positive multiple of 4 (the decoder upsamples by 4)")
         if self.nbf <= 0:
             raise ValueError(f"SEAConfig.nbf={self.nbf} must be positive")
+        if self.query_chunk < 1:
+            raise ValueError(f"SEAConfig.query_chunk={self.query_chunk} must be >= 1")
+
+
+def full_precision(x):
+    """x in at least float32 (float64 stays float64): SEA's estimate runs in full precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# -----------------------------------------------------------------------------
+# step 1: causal FAVOR+ linear attention with the ReLU kernel
+
+def gaussian_orthogonal_matrix(m, d):
+    """(m, d) random features: orthogonal rows in blocks of d, each row with a Gaussian norm."""
+    blocks = [torch.linalg.qr(torch.randn(d, d))[0].T for _ in range(math.ceil(m / d))]
+    norms = torch.randn(m, d).norm(dim=1, keepdim=True)
+    return torch.cat(blocks)[:m] * norms
+
+
+class ReLUFeatures(nn.Module):
+    """phi(x) = relu((x * D^-1/4) W^T) + 1e-3, with a fixed random W of m = D ln(D) / nbf rows."""
+
+    def __init__(self, head_dim, nbf):
+        super().__init__()
+        m = max(1, int(head_dim * math.log(head_dim) / nbf))
+        self.register_buffer("W", gaussian_orthogonal_matrix(m, head_dim))
+
+    def forward(self, x):  # (..., D) -> (..., m)
+        return F.relu((x * x.size(-1) ** -0.25) @ self.W.T) + 1e-3
+
+
+def causal_linear_attention(phi_q, phi_k, v, chunk=128):
+    """c_i = phi(q_i)^T S_i / phi(q_i)^T z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
+
+    phi_q, phi_k (B, H, T, m), v (B, H, T, E) -> (B, H, T, E). Chunk by chunk: inside a
+    chunk a small causal (chunk x chunk) product, across chunks the carried sums S and z.
+    """
+    B, H, T, m = phi_q.shape
+    S = phi_q.new_zeros(B, H, m, v.size(-1))
+    z = phi_q.new_zeros(B, H, m)
+    out = []
+    for start in range(0, T, chunk):
+        q, k, u = (t[:, :, start:start + chunk] for t in (phi_q, phi_k, v))
+        local = (q @ k.transpose(-2, -1)).tril()  # (B, H, c, c), causal inside the chunk
+        numerator = local @ u + q @ S
+        denominator = local.sum(-1) + (q @ z.unsqueeze(-1)).squeeze(-1)
+        out.append(numerator / denominator.unsqueeze(-1))
+        S = S + k.transpose(-2, -1) @ u
+        z = z + k.sum(-2)
+    return torch.cat(out, dim=2)
+
+
+class PerformerAttention(nn.Module):
+    """The Performer baseline: causal FAVOR+ (ReLU kernel) used as the attention itself."""
+
+    def __init__(self, head_dim, nbf):
+        super().__init__()
+        self.features = ReLUFeatures(head_dim, nbf)
+
+    def forward(self, q, k, v, need_weights=False):
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = full_precision(q), full_precision(k), full_precision(v)
+            out = causal_linear_attention(self.features(q), self.features(k), v)
+        return out.to(v.dtype), {}
+
+
+# -----------------------------------------------------------------------------
+# step 3: the compressed-score decoder
+
+class CompressedScoreDecoder(nn.Module):
+    """e (B, H, T, 2D) -> compressed scores s_hat (B, H, T, M).
+
+    r = Linear(e) gives two channels of M/4 per head; a CNN over the image (query rows
+    x bins) with causal 3x3 convolutions (dilation 2, padded above only, so a row sees
+    itself and earlier rows), a x4 nearest upsample along the bins and a 1x1 convolution
+    to one channel per head; LayerNorms on the way in and out.
+    """
+
+    HALO = 8  # rows above a chunk the two dilated convolutions reach: 2 convs x dilation 2 x 2 taps
+
+    def __init__(self, n_head, width, bins):
+        super().__init__()
+        self.bins = bins
+        self.project = nn.Linear(width, 2 * bins // 4)
+        self.norm_in = nn.LayerNorm(bins // 4)
+        self.conv1 = nn.Conv2d(2 * n_head, 2 * n_head, kernel_size=3, dilation=2)
+        self.conv2 = nn.Conv2d(2 * n_head, 2 * n_head, kernel_size=3, dilation=2)
+        self.to_heads = nn.Conv2d(2 * n_head, n_head, kernel_size=1)
+        self.norm_out = nn.LayerNorm(bins)
+
+    @staticmethod
+    def causal_conv(conv, x):
+        return conv(F.pad(x, (2, 2, 4, 0)))  # (left, right) bins, (top, bottom) rows
+
+    def forward(self, e):
+        B, H, T, _ = e.shape
+        r = self.project(e).view(B, H, T, 2, self.bins // 4)
+        x = r.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, self.bins // 4)  # channels (h, 2)
+        x = F.relu(self.causal_conv(self.conv1, self.norm_in(x)))
+        x = F.relu(self.causal_conv(self.conv2, x))
+        x = x.repeat_interleave(4, dim=-1)  # nearest upsample along bins: (B, 2H, T, M)
+        return self.norm_out(self.to_heads(x))  # (B, H, T, M)
+
+
+# -----------------------------------------------------------------------------
+# steps 5-6: the kept-bin budget, bins as key ranges, decompression
+
+def row_budget(rows, n_head, k, bins):
+    """Step 5: query row i keeps n_i = clamp(round(H * k * M / (i + 1)), 1, H * M) bins."""
+    return torch.round(n_head * k * bins / (rows.double() + 1)).long().clamp(1, n_head * bins)
+
+
+def bin_edges(rows, bins):
+    """(R, M + 1): bin c of row i holds keys [edges[c], edges[c + 1]).
+
+    Key j <= i falls in bin c(i, j) = floor((j + 0.5) * M / (i + 1)), so bin c starts at
+    the first j with (2j + 1) M >= 2 c (i + 1): ceil((2c(i + 1) - M) / 2M), which for
+    j >= 0 is floor((2c(i + 1) + M - 1) / 2M). kernel.py computes the same in Triton.
+    """
+    c = torch.arange(bins + 1, device=rows.device)
+    return (2 * c * (rows[:, None] + 1) + bins - 1) // (2 * bins)
+
+
+def grouped_topk(p_hat, rows, k):
+    """Step 5: keep the top n_i of the H * M cells of each row, across heads together.
+
+    p_hat (B, H, R, M) -> keep (B, H, R, M) bool. Bins that hold no key (rows shorter
+    than M) are ranked last, so short rows with a large budget come out dense.
+    """
+    B, H, R, M = p_hat.shape
+    edges = bin_edges(rows, M)
+    empty = edges[:, 1:] == edges[:, :-1]  # (R, M)
+    cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * M)
+    budget = row_budget(rows, H, k, M)  # (R,)
+    # a stable sort, not topk: the x4 upsample makes bins tie in groups of four, and ties
+    # must go the same way (lower cell first) however many rows a chunk holds
+    top = cells.sort(dim=-1, descending=True, stable=True).indices[..., :int(budget.max())]  # (B, R, n_max)
+    in_budget = torch.arange(top.size(-1), device=rows.device) < budget[:, None]  # (R, n_max)
+    keep = torch.zeros(B, R, H * M, dtype=torch.bool, device=rows.device)
+    keep.scatter_(-1, top, in_budget.expand(B, R, -1))
+    return keep.view(B, R, H, M).transpose(1, 2)
+
+
+def decompress(keep, rows):
+    """Step 6: kept bins -> key ranges, one per kept (batch, head, row, bin) cell.
+
+    keep (B, H, R, M) bool, rows (R,) the query positions. Returns 1-D tensors b, h, r
+    (r indexes the chunk, 0..R-1) and the cell's keys [start, start + length). Cells of
+    one (batch, head, row) are contiguous and in key order: the FlatCSR of the paper.
+    """
+    edges = bin_edges(rows, keep.size(-1))
+    holds_keys = edges[:, 1:] > edges[:, :-1]  # (R, M): short rows have empty bins, skip them
+    b, h, r, c = (keep & holds_keys).nonzero(as_tuple=True)
+    start = edges[r, c]
+    return b, h, r, start, edges[r, c + 1] - start
+
+
+# -----------------------------------------------------------------------------
+# step 7: sparse attention on the kept keys (pure PyTorch, O(kept keys) memory)
+
+def sparse_attention(q, k, v, keep, row0):
+    """Softmax attention of query rows row0 .. row0 + R - 1 over their kept keys only.
+
+    q, k, v (B, H, T, D); keep (B, H, R, M). Returns (B, H, R, D), at least float32; a
+    head that kept no bin in a row gets zeros there (the running-mean gate carries it).
+    Each kept cell's key range is gathered as one block of W keys (W = the widest bin,
+    the extra slots masked), so scores and outputs are small batched matmuls.
+    """
+    B, H, R, _ = keep.shape
+    T, D = k.shape[-2:]
+    b, h, r, start, length = decompress(keep, torch.arange(row0, row0 + R, device=q.device))
+    slot = torch.arange(int(length.max()), device=q.device)  # (W,)
+    in_bin = slot < length[:, None]  # (cells, W)
+    head = b * H + h  # which (batch, head) slice of q, k, v
+    key_rows = (head * T + start)[:, None] + torch.where(in_bin, slot, 0)  # flat rows of k, v
+    gather = lambda x, index: full_precision(x.reshape(-1, D).index_select(0, index.flatten()))
+    keys = gather(k, key_rows).view(*key_rows.shape, D)  # (cells, W, D)
+    values = gather(v, key_rows).view(*key_rows.shape, D)
+    queries = gather(q, head * T + row0 + r)  # (cells, D)
+    scores = (keys @ queries[:, :, None]).squeeze(-1).masked_fill(~in_bin, float("-inf"))  # (cells, W)
+
+    # one softmax per (batch, head, row) across all of its cells
+    segment = head * R + r
+    n_segments = B * H * R
+    row_max = scores.new_full((n_segments,), float("-inf"))
+    row_max = row_max.scatter_reduce(0, segment, scores.detach().amax(-1), "amax")
+    weights = torch.exp(scores - row_max[segment, None])  # masked slots give exp(-inf) = 0
+    total = scores.new_zeros(n_segments).index_add(0, segment, weights.sum(-1))
+    probs = weights / total[segment, None]
+    cell_out = (probs[:, None, :] @ values).squeeze(1)  # (cells, D)
+    return scores.new_zeros(n_segments, D).index_add(0, segment, cell_out).view(B, H, R, D)
+
+
+# -----------------------------------------------------------------------------
+# the module model.py plugs in
+
+class SEAAttention(nn.Module):
+    def __init__(self, n_head, head_dim, max_positions, cfg):
+        super().__init__()
+        self.n_head, self.cfg = n_head, cfg
+        D = head_dim
+        self.features = ReLUFeatures(D, cfg.nbf)
+        self.positions = nn.Parameter(torch.randn(max_positions, D))  # P, step 1
+        self.encoder = nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
+        self.decoder = CompressedScoreDecoder(n_head, 2 * D, cfg.predictor_length)
+        self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
+        nn.init.constant_(self.gates.bias, 3.0)  # start close to plain sparse attention
+
+    def encode(self, q, k, v):
+        """Steps 1-2: e (B, H, T, 2D) from the linear estimate over [positions, values]."""
+        B, H, T, D = v.shape
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = full_precision(q), full_precision(k), full_precision(v)
+            values = torch.cat([self.positions[:T].expand(B, H, T, D).to(v.dtype), v], dim=-1)  # (B, H, T, 2D)
+            c = causal_linear_attention(self.features(q), self.features(k), values)
+            return self.encoder(torch.cat([c, v], dim=-1))  # f (B, H, T, 3D) -> e
+
+    def row_chunks(self, T, need_weights):
+        step = T if need_weights or self.training else self.cfg.query_chunk
+        return [(start, min(start + step, T)) for start in range(0, T, step)]
+
+    def sparse_step(self, q):
+        """Steps 6-7 in PyTorch, or fused in Triton (kernel.py): by default on CUDA at inference."""
+        needs_grad = torch.is_grad_enabled() and q.requires_grad
+        use_kernel = self.cfg.use_kernel
+        if use_kernel is None:
+            use_kernel = q.is_cuda and not needs_grad
+        if not use_kernel:
+            return sparse_attention
+        if needs_grad:
+            raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
+                             "use_kernel=None or False, or run under torch.no_grad()")
+        from kernel import sparse_attention_triton
+        return sparse_attention_triton
+
+    def forward(self, q, k, v, need_weights=False):
+        """q (already scaled), k, v (B, H, T, D) -> out (B, H, T, D), aux.
+
+        aux: kept_per_row (B, T) kept keys per query summed over heads; with need_weights
+        also scores (s_hat, B, H, T, M) and kept_bins (B, H, T, M) for losses and pictures.
+        """
+        B, H, T, D = q.shape
+        e = self.encode(q, k, v)
+        halo = CompressedScoreDecoder.HALO
+        sparse_step = self.sparse_step(q)
+        chunks, scores, kept = [], [], []
+        for row0, row1 in self.row_chunks(T, need_weights):
+            s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]  # step 3
+            rows = torch.arange(row0, row1, device=q.device)
+            keep = grouped_topk(s_hat.softmax(-1), rows, self.cfg.k)  # steps 4-5
+            chunks.append(sparse_step(q, k, v, keep, row0))  # steps 6-7
+            kept.append(keep)
+            if need_weights:
+                scores.append(s_hat)
+        kept_bins = torch.cat(kept, dim=2)
+        g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, T) each
+        sparse = torch.cat(chunks, dim=2) * g0.unsqueeze(-1)
+        counts = torch.arange(1, T + 1, device=v.device)[:, None]
+        running_mean = full_precision(v).cumsum(dim=2) / counts  # mean of v_j, j <= i
+        out = g1.unsqueeze(-1) * sparse + (1 - g1.unsqueeze(-1)) * running_mean  # step 8
+        aux = {"kept_per_row": kept_keys_per_row(kept_bins)}
+        if need_weights:
+            aux.update(scores=torch.cat(scores, dim=2), kept_bins=kept_bins)
+        return out.to(v.dtype), aux
+
+
+def kept_keys_per_row(kept_bins):
+    """(B, H, T, M) kept bins -> (B, T) number of kept keys per query, all heads together."""
+    T, M = kept_bins.size(2), kept_bins.size(3)
+    edges = bin_edges(torch.arange(T, device=kept_bins.device), M)
+    widths = (edges[:, 1:] - edges[:, :-1]).to(torch.int32)  # (T, M) keys per bin
+    return (kept_bins.int() * widths).sum(dim=(1, 3))
+
+
+# -----------------------------------------------------------------------------
+# T x T views, for the distillation loss, tests and pictures only
+
+def key_bins(T, bins, device=None):
+    """(T, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
+
+
+def causal_mask(T, device=None):
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def estimated_attention_map(scores):
+    """s_hat (B, H, T, M) -> the estimated attention (B, H, T, T): bins spread to keys, softmaxed."""
+    B, H, T, M = scores.shape
+    spread = scores.float().gather(-1, key_bins(T, M, scores.device).expand(B, H, T, T))
+    return spread.masked_fill(~causal_mask(T, scores.device), float("-inf")).softmax(-1)
+
+
+def kept_key_mask(kept_bins):
+    """(B, H, T, M) kept bins -> (B, H, T, T) bool: key j attended by head h in row i."""
+    B, H, T, M = kept_bins.shape
+    mask = kept_bins.gather(-1, key_bins(T, M, kept_bins.device).expand(B, H, T, T))
+    return mask & causal_mask(T, kept_bins.device)

@@ -2,7 +2,9 @@
 Train on WikiText-2: a dense OPT teacher (from scratch or fine-tuned), or a SEA / Performer
 student distilled from a teacher. Also home of the data and tokenizer helpers.
 
+    python train.py                                            # the whole CPU demo
     python train.py --method dense --preset tiny               # tiny teacher from scratch
+    python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --predictor-length 64
     python train.py --method dense --init-from facebook/opt-125m --block-size 2048
     torchrun --standalone --nproc_per_node=2 train.py --method dense --preset tiny
 
@@ -25,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from model import OPT, OPTConfig, PRESETS, default_cache_dir, is_hub_name
+from model import OPT, OPTConfig, PRESETS, causal_attention_probs, default_cache_dir, is_hub_name
+from sea import SEAConfig, estimated_attention_map
 
 # -----------------------------------------------------------------------------
 # tokenizer and data
@@ -160,19 +164,92 @@ def load_model(path_or_name, **overrides):
 
 
 def build_student(args):
-    """The model to train: fresh, from a checkpoint, or a copy of the teacher."""
-    if args.init_from:
-        return load_model(args.init_from)
-    return OPT(OPTConfig.preset(args.preset))
+    """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
+    if args.method == "dense":
+        return load_model(args.init_from) if args.init_from else OPT(OPTConfig.preset(args.preset))
+    sea = SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf)
+    return load_model(args.teacher, attn=args.method, sea=sea)
+
+
+def load_teacher(args):
+    if args.method == "dense":
+        return None
+    teacher = load_model(args.teacher)
+    if teacher.config.attn != "dense":
+        raise ValueError(f"--teacher {args.teacher} has attn={teacher.config.attn}; distill from a "
+                         f"dense teacher")
+    return teacher.eval().requires_grad_(False)
+
+
+def is_new_attention_parameter(name):
+    return ".mechanism." in name  # SEA / Performer modules; everything else is copied from the teacher
 
 
 def make_optimizer(model, args):
-    """AdamW; 2-D weights decay, biases and norms do not. Groups carry an lr_scale."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=args.weight_decay, lr_scale=1.0),
-              dict(params=no_decay, weight_decay=0.0, lr_scale=1.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    """AdamW; 2-D weights decay, biases and norms do not. Groups carry an lr_scale: a distilled
+    student trains its new attention parameters at 10x the base rate, copied weights at 0.2x."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        new = args.method != "dense" and is_new_attention_parameter(name)
+        scale = 1.0 if args.method == "dense" else (10.0 if new else 0.2)
+        decay = args.weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((scale, decay), []).append(p)
+    param_groups = [dict(params=ps, lr_scale=scale, weight_decay=decay) for (scale, decay), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+# -----------------------------------------------------------------------------
+# the training objective: next-token loss, or distillation from a frozen teacher
+
+def attention_map_loss(estimate, target, eps=1e-9):
+    """0.1 * KL(target || estimate) per row + MSE, on causal (B, H, T, T) probability maps."""
+    kl = (target * (target.clamp_min(eps).log() - estimate.clamp_min(eps).log())).sum(-1).mean()
+    return 0.1 * kl + F.mse_loss(estimate, target)
+
+
+class Objective(nn.Module):
+    """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the loss of
+    SEA.md section 4: 0.1 LM + 5 hidden MSE + 0.2 logits KL + per-layer attention terms."""
+
+    def __init__(self, student, teacher=None):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def forward(self, x, y):
+        if self.teacher is None:
+            loss = self.student(x, y)[1]
+            return loss, {"lm": loss}
+        with torch.no_grad():
+            t_logits, t_hidden, t_layers = self.teacher.forward_internals(x)
+        s_logits, s_hidden, s_layers = self.student.forward_internals(x)
+        s_logp, t_logp = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
+        terms = {
+            "lm": F.nll_loss(s_logp.flatten(0, 1), y.flatten()),
+            "hidden": mean([F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)]),
+            "kl": F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"),
+        }
+        per_layer = [self.layer_terms(s, t) for s, t in zip(s_layers, t_layers)]
+        for name in per_layer[0]:
+            terms[name] = mean([layer[name] for layer in per_layer])
+        loss = 0.1 * terms["lm"] + 5 * terms["hidden"] + 0.2 * terms["kl"]
+        loss = loss + sum(terms[name] for name in per_layer[0])
+        return loss, terms
+
+    @staticmethod
+    def layer_terms(student, teacher):
+        A = teacher["probs"]
+        terms = {}
+        if "scores" in student:  # SEA's estimated map vs the teacher's attention
+            terms["estimate"] = attention_map_loss(estimated_attention_map(student["scores"]), A)
+        terms["dense"] = attention_map_loss(causal_attention_probs(student["q"], student["k"]), A)
+        terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
+        return terms
+
+
+def mean(values):
+    return sum(values) / len(values)
 
 
 def lr_at(it, args):
@@ -220,11 +297,13 @@ def train(args):
         model = OPT.from_checkpoint(ckpt_path)
     else:
         checkpoint, model = None, build_student(args)
+    teacher = load_teacher(args)
     args.block_size = args.block_size or model.config.block_size
     if args.block_size > model.config.block_size:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's "
                          f"{model.config.block_size} learned positions")
     model.to(device)
+    objective = Objective(model, teacher and teacher.to(device))
     optimizer = make_optimizer(model, args)
     start_iter, best_val = 0, float("inf")
     if checkpoint is not None:
@@ -235,10 +314,10 @@ def train(args):
 
     train_tokens = load_tokens("train", args.data_dir, args.cache_dir)
     val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
-    ddp_model = model
+    ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     generator = torch.Generator().manual_seed(args.seed + rank)
     tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world
@@ -254,9 +333,9 @@ def train(args):
         for micro in range(args.grad_accum):
             x, y = get_batch(train_tokens, args.batch_size, args.block_size, generator, device)
             sync = micro == args.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else ddp_model.no_sync()), autocast_context(device, args.dtype):
-                loss = ddp_model(x, y)[1] / args.grad_accum
-            scaler.scale(loss).backward()
+            with (nullcontext() if sync else ddp_objective.no_sync()), autocast_context(device, args.dtype):
+                loss, terms = ddp_objective(x, y)
+            scaler.scale(loss / args.grad_accum).backward()
         if args.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -268,7 +347,8 @@ def train(args):
         if master and (done % args.log_interval == 0 or done == args.max_iters):
             now = time.time()
             iters = done - max(start_iter, done - args.log_interval)
-            print(f"iter {done}/{args.max_iters} | loss {loss.item() * args.grad_accum:.4f} | "
+            shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
+            print(f"iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
                   f"lr {lr_at(it, args):.2e} | {iters * tokens_per_iter / (now - last_log):,.0f} tok/s | "
                   f"{now - started:.0f}s", flush=True)
             last_log = now
@@ -288,8 +368,14 @@ def train(args):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["dense"], default="dense",
-                   help="dense: train a teacher")
+    p.add_argument("--method", choices=["dense", "sea", "performer"], default="dense",
+                   help="dense: train a teacher; sea / performer: distill a student from --teacher")
+    p.add_argument("--teacher", help="teacher for sea/performer: a train.py checkpoint, a Hugging Face "
+                                     "OPT directory or a hub name")
+    p.add_argument("--k", type=int, default=SEAConfig.k, help="SEA: kept keys per query per head")
+    p.add_argument("--predictor-length", type=int, default=SEAConfig.predictor_length,
+                   help="SEA: T_M, bins of the compressed attention rows")
+    p.add_argument("--nbf", type=int, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
     p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
                                        "or a hub name (facebook/opt-125m)")
@@ -300,13 +386,15 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, help="training sequence length (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-iters", type=int, default=600)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 from scratch, 2e-5 fine-tuning)")
+    p.add_argument("--max-iters", type=int, help="optimizer steps (default 600 dense, 250 distilling)")
+    p.add_argument("--lr", type=float, help="peak base learning rate (default 1e-3 from scratch, "
+                                            "2e-5 fine-tuning, 1e-4 distilling)")
     p.add_argument("--min-lr", type=float, help="final learning rate (default lr / 10)")
-    p.add_argument("--warmup-iters", type=int, default=50)
+    p.add_argument("--warmup-iters", type=int, help="default max-iters / 12")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, default=200)
+    p.add_argument("--eval-interval", type=int, help="iterations between validation losses "
+                                                     "(default max-iters / 3, then at the end)")
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -320,10 +408,25 @@ def parse_args(argv):
 def fill_defaults(args, parser):
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
-    if args.init_from and not (Path(args.init_from).exists() or is_hub_name(args.init_from)):
-        parser.error(f"--init-from {args.init_from}: no such file or directory")
+    for flag in ("init_from", "teacher"):
+        path = getattr(args, flag)
+        if path and not (Path(path).exists() or is_hub_name(path)):
+            parser.error(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+    if args.method != "dense" and not args.teacher:
+        parser.error(f"--method {args.method} distills from a teacher: pass --teacher "
+                     f"(e.g. out/dense-tiny/ckpt.pt from 'python train.py --method dense')")
+    if args.method == "dense" and args.teacher:
+        parser.error("--teacher is for --method sea/performer; a dense model starts from --init-from")
+    try:
+        SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf)
+    except ValueError as e:
+        parser.error(str(e))
     args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
-    args.lr = args.lr or (2e-5 if args.init_from else 1e-3)
+    args.max_iters = args.max_iters or (600 if args.method == "dense" else 250)
+    args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else args.max_iters // 12
+    args.eval_interval = args.eval_interval or -(-args.max_iters // 3)  # ceil: thirds, then the end
+    default_lr = 1e-4 if args.method != "dense" else 2e-5 if args.init_from else 1e-3
+    args.lr = args.lr or default_lr
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
@@ -333,10 +436,45 @@ def fill_defaults(args, parser):
     return args
 
 
+# -----------------------------------------------------------------------------
+# the demo: python train.py with no arguments
+
+DEMO_TEACHER = ["--method", "dense", "--preset", "tiny"]
+# T = 256 here, so SEA's knobs shrink with it: k = 8 keys of rows 128..256 long is really sparse
+DEMO_SEA = ["--method", "sea", "--teacher", "out/dense-tiny/ckpt.pt", "--k", "8", "--predictor-length", "64"]
+
+
+def demo():
+    """Teacher (trained once, then reused), SEA student, both evaluated on the test split."""
+    import eval as evaluate
+    started = time.time()
+    teacher_args = parse_args(DEMO_TEACHER)
+    teacher_path = Path(teacher_args.out_dir) / "ckpt.pt"
+    if teacher_path.is_file():
+        print(f"== 1/3 teacher: reusing {teacher_path} (delete it to train a new one)")
+    else:
+        print(f"== 1/3 teacher: python train.py {' '.join(DEMO_TEACHER)}")
+        train(teacher_args)
+    print(f"== 2/3 SEA student: python train.py {' '.join(DEMO_SEA)}  [{time.time() - started:.0f}s]")
+    student_path = train(parse_args(DEMO_SEA))
+    print(f"== 3/3 test perplexity and SEA mask statistics  [{time.time() - started:.0f}s]")
+    teacher, student = OPT.from_checkpoint(teacher_path), OPT.from_checkpoint(student_path)
+    tokens = load_tokens("test", teacher_args.data_dir, teacher_args.cache_dir)
+    device, block = teacher_args.device, teacher.config.block_size
+    rows = {"dense": evaluate.describe(teacher.to(device), None, tokens, block, 8, device, "float32")}
+    rows["dense"]["ratio"] = 1.0
+    rows["sea"] = evaluate.describe(student.to(device), teacher, tokens, block, 8, device, "float32",
+                                    teacher_ppl=rows["dense"]["ppl"])
+    print(f"\nWikiText-2 test, windows of {block} tokens, {time.time() - started:.0f}s in all")
+    print(f"{'method':<10} {'ppl':>9} {'ratio':>8}")
+    for name, row in rows.items():
+        print(evaluate.format_row(name, row))
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        train(args)
+        demo() if not argv else train(parse_args(argv))
     except (ValueError, OSError) as e:  # bad input or missing files: say what and how to fix it
         sys.exit(f"error: {e}")
 

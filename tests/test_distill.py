@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+import eval as evaluate
+import train
+from model import OPT, OPTConfig
+from sea import SEAConfig
+
+
+@pytest.fixture
+def teacher_path(tmp_path):
+    torch.manual_seed(0)
+    teacher = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=64))
+    path = tmp_path / "teacher.pt"
+    torch.save(dict(model=teacher.state_dict(), config=teacher.config.to_dict()), path)
+    return path
+
+
+def total_loss(student_path, teacher_path, tokens):
+    student, teacher = OPT.from_checkpoint(student_path), OPT.from_checkpoint(teacher_path)
+    objective = train.Objective(student.eval(), teacher.eval())
+    x, y = train.get_batch(tokens, 4, 64, torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        loss, terms = objective(x, y)
+    return loss.item(), terms
+
+
+@pytest.mark.parametrize("method", ["sea", "performer"])
+def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitext, teacher_path, tmp_path, capsys):
+    out = tmp_path / method
+    common = ["--method", method, "--teacher", str(teacher_path), "--data-dir", str(wikitext),
+              "--out-dir", str(out), "--batch-size", "4", "--block-size", "64", "--k", "4",
+              "--predictor-length", "16", "--eval-iters", "1", "--log-interval", "3", "--dtype", "float32",
+              "--lr", "1e-3", "--warmup-iters", "1"]
+    train.main([*common, "--max-iters", "1"])
+    tokens = train.load_tokens("valid", wikitext)
+    before, terms = total_loss(out / "ckpt.pt", teacher_path, tokens)
+    expected = {"lm", "hidden", "kl", "dense", "context"} | ({"estimate"} if method == "sea" else set())
+    assert set(terms) == expected
+    train.main([*common, "--max-iters", "12", "--resume"])
+    log = capsys.readouterr().out
+    assert "hidden" in log and "context" in log
+    after, _ = total_loss(out / "ckpt.pt", teacher_path, tokens)
+    assert after < before
+
+    student = OPT.from_checkpoint(out / "ckpt.pt")
+    assert student.config.attn == method and student.config.sea == SEAConfig(k=4, predictor_length=16)
+    evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--teacher", str(teacher_path), "--data-dir", str(wikitext),
+                   "--block-size", "64", "--split", "valid"])
+    report = capsys.readouterr().out
+    assert "ratio" in report
+    assert ("recall" in report) == (method == "sea")
+
+
+def test_new_attention_parameters_get_ten_times_the_rate(teacher_path):
+    args = train.parse_args(["--method", "sea", "--teacher", str(teacher_path), "--k", "4",
+                             "--predictor-length", "16"])
+    student = train.build_student(args)
+    optimizer = train.make_optimizer(student, args)
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in student.named_parameters():
+        assert scale_of[id(p)] == (10.0 if ".mechanism." in name else 0.2), name
+
+
+def test_plot_writes_png(wikitext, teacher_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    teacher = OPT.from_checkpoint(teacher_path)
+    student = OPT.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, predictor_length=16))
+    evaluate.plot_attention(student, teacher, train.load_tokens("valid", wikitext), 64, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+
+
+def test_distillation_flags_fail_fast(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--method", "sea"])
+    assert "--teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--method", "sea", "--teacher", str(tmp_path / "none.pt")])
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from model import OPT, OPTConfig
+from sea import (SEAAttention, SEAConfig, causal_linear_attention, decompress, estimated_attention_map,
+                 grouped_topk, row_budget, sparse_attention)
+
+
+def formula_key_mask(keep):
+    """SEA.md step 6 by the letter: key j <= i is kept by head h iff bin c(i, j) was kept."""
+    B, H, T, M = keep.shape
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(i + 1):
+            mask[:, :, i, j] = keep[:, :, i, math.floor((j + 0.5) * M / (i + 1))]
+    return mask
+
+
+def masked_dense_attention(q, k, v, mask):
+    """The naive reference: dense scores, boolean mask, softmax; rows with no key give zeros."""
+    scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).nan_to_num() @ v
+
+
+def random_keep(B, H, T, M, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return grouped_topk(torch.rand(B, H, T, M, generator=gen), torch.arange(T), k)
+
+
+def test_sparse_path_equals_dense_masked_reference_with_gradients():
+    torch.manual_seed(0)
+    B, H, T, D, M, k = 2, 3, 50, 8, 16, 3
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = random_keep(B, H, T, M, k)
+    ours = sparse_attention(q, kk, v, keep, row0=0)
+    reference = masked_dense_attention(q, kk, v, formula_key_mask(keep))
+    torch.testing.assert_close(ours, reference)
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (q, kk, v), grad)
+    reference_grads = torch.autograd.grad(reference, (q, kk, v), grad)
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_decompression_keys_are_causal_and_follow_the_bins():
+    B, H, T, M, k = 1, 2, 80, 8, 2
+    keep = random_keep(B, H, T, M, k, seed=1)
+    b, h, r, start, length = decompress(keep, torch.arange(T))
+    assert (start >= 0).all() and (start + length <= r + 1).all()  # keys 0..i only
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for cell in range(len(start)):
+        keys = slice(start[cell], start[cell] + length[cell])
+        assert not mask[b[cell], h[cell], r[cell], keys].any()  # no key listed twice
+        mask[b[cell], h[cell], r[cell], keys] = True
+    assert torch.equal(mask, formula_key_mask(keep))
+
+
+def test_short_rows_dense_long_rows_about_k():
+    B, H, T, M, k = 2, 4, 512, 32, 8
+    keep = random_keep(B, H, T, M, k, seed=2)
+    mask = formula_key_mask(keep)
+    per_head = mask.sum(-1).float()  # (B, H, T)
+    for i in range(T):
+        if (i + 1) ** 2 <= k * M:
+            assert mask[:, :, i, :i + 1].all(), f"row {i} should be dense"
+    late = per_head[:, :, 256:].mean(dim=(0, 2))  # mean per head over long rows
+    assert late.mean().item() == pytest.approx(k, rel=0.15)
+
+
+def test_kept_bins_per_row_equal_the_budget_formula():
+    B, H, T, M, k = 2, 3, 300, 16, 4
+    keep = random_keep(B, H, T, M, k, seed=3)
+    kept = keep.sum(dim=(1, 3))  # (B, T) kept (head, bin) cells per row
+    expected = [max(1, min(H * M, round(H * k * M / (i + 1)))) for i in range(T)]
+    assert kept.tolist() == [expected] * B
+    assert row_budget(torch.arange(T), H, k, M).tolist() == expected
+
+
+def test_causal_linear_attention_matches_quadratic_form():
+    torch.manual_seed(0)
+    phi_q, phi_k, v = torch.rand(2, 3, 45, 5), torch.rand(2, 3, 45, 5), torch.randn(2, 3, 45, 7)
+    weights = (phi_q @ phi_k.transpose(-2, -1)).tril()
+    reference = weights @ v / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(causal_linear_attention(phi_q, phi_k, v, chunk=16), reference)
+
+
+def test_sea_attention_module_steps_7_and_8():
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 40, 8
+    attention = SEAAttention(H, D, 64, SEAConfig(k=3, predictor_length=16)).double()
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    out, aux = attention(q, kk, v, need_weights=True)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v))).unbind(-1)
+    sparse = masked_dense_attention(q, kk, v, formula_key_mask(aux["kept_bins"]))
+    running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    expected = g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean
+    torch.testing.assert_close(out, expected)
+    estimate = estimated_attention_map(aux["scores"])
+    torch.testing.assert_close(estimate.sum(-1), torch.ones(B, H, T, dtype=torch.float32))
+    assert estimate.triu(1).abs().max() == 0
+
+
+def test_inference_chunks_equal_one_pass():
+    torch.manual_seed(0)
+    attention = SEAAttention(2, 8, 128, SEAConfig(k=3, predictor_length=16, query_chunk=13)).eval()
+    q, kk, v = (torch.randn(1, 2, 100, 8) for _ in range(3))
+    with torch.no_grad():
+        chunked, _ = attention(q, kk, v)
+        whole, _ = attention(q, kk, v, need_weights=True)
+    torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("attn", ["sea", "performer"])
+@pytest.mark.parametrize("training", [True, False])
+def test_whole_model_is_causal(attn, training):
+    torch.manual_seed(0)
+    sea = SEAConfig(k=2, predictor_length=8, query_chunk=7)
+    model = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
+    x = torch.randint(0, 50257, (2, 48))
+    p = 29
+    y = torch.cat([x[:, :p + 1], torch.randint(0, 50257, (2, 48 - p - 1))], dim=1)
+    with torch.no_grad():
+        a, b = model(x)[0], model(y)[0]
+    torch.testing.assert_close(a[:, :p + 1], b[:, :p + 1])
+    assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])
+
+
+@pytest.mark.parametrize("bad", [dict(k=0), dict(predictor_length=30), dict(predictor_length=0),
+                                 dict(nbf=0)])
+def test_config_validation(bad):
+    with pytest.raises(ValueError, match="SEAConfig"):
+        SEAConfig(**bad)
