@@ -303,7 +303,7 @@ def train(args):
         raise ValueError(f"--block-size {args.block_size} exceeds the model's "
                          f"{model.config.block_size} learned positions")
     model.to(device)
-    objective = Objective(model, teacher and teacher.to(device))
+    objective = Objective(model, teacher.to(device) if teacher is not None else None)
     optimizer = make_optimizer(model, args)
     start_iter, best_val = 0, float("inf")
     if checkpoint is not None:
