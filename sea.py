@@ -166,6 +166,11 @@ def bin_edges(rows, bins):
     return (2 * c * (rows[:, None] + 1) + bins - 1) // (2 * bins)
 
 
+def bin_widths(rows, bins):
+    """(R, M): how many keys each bin of each row holds (0 for the empty bins of short rows)."""
+    return bin_edges(rows, bins).diff(dim=1)
+
+
 def grouped_topk(p_hat, rows, k):
     """Step 5: keep the top n_i of the H * M cells of each row, across heads together.
 
@@ -173,8 +178,7 @@ def grouped_topk(p_hat, rows, k):
     than M) are ranked last, so short rows with a large budget come out dense.
     """
     B, H, R, M = p_hat.shape
-    edges = bin_edges(rows, M)
-    empty = edges[:, 1:] == edges[:, :-1]  # (R, M)
+    empty = bin_widths(rows, M) == 0  # (R, M)
     cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * M)
     budget = row_budget(rows, H, k, M)  # (R,)
     # a stable sort, not topk: the x4 upsample makes bins tie in groups of four, and ties
@@ -194,10 +198,9 @@ def decompress(keep, rows):
     one (batch, head, row) are contiguous and in key order: the FlatCSR of the paper.
     """
     edges = bin_edges(rows, keep.size(-1))
-    holds_keys = edges[:, 1:] > edges[:, :-1]  # (R, M): short rows have empty bins, skip them
-    b, h, r, c = (keep & holds_keys).nonzero(as_tuple=True)
-    start = edges[r, c]
-    return b, h, r, start, edges[r, c + 1] - start
+    widths = edges.diff(dim=1)
+    b, h, r, c = (keep & (widths > 0)).nonzero(as_tuple=True)  # short rows' empty bins: skipped
+    return b, h, r, edges[r, c], widths[r, c]
 
 
 # -----------------------------------------------------------------------------
@@ -312,8 +315,7 @@ class SEAAttention(nn.Module):
 def kept_keys_per_row(kept_bins):
     """(B, H, T, M) kept bins -> (B, T) number of kept keys per query, all heads together."""
     T, M = kept_bins.size(2), kept_bins.size(3)
-    edges = bin_edges(torch.arange(T, device=kept_bins.device), M)
-    widths = (edges[:, 1:] - edges[:, :-1]).to(torch.int32)  # (T, M) keys per bin
+    widths = bin_widths(torch.arange(T, device=kept_bins.device), M).to(torch.int32)  # (T, M)
     return (kept_bins.int() * widths).sum(dim=(1, 3))
 
 
