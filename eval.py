@@ -80,7 +80,8 @@ def mask_statistics(student, teacher, tokens, block_size, windows=4):
     """Mean kept keys per query per head (all rows, and the second half of each window) and
     mask recall: the share of the teacher's attention mass on SEA's kept keys, next to the
     oracle that keeps the teacher's own top keys with the same per-row budget."""
-    idx = sample_windows(tokens, block_size, windows)
+    device = next(student.parameters()).device  # the teacher must be on the same device
+    idx = sample_windows(tokens, block_size, windows).to(device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     T, half = idx.size(1), idx.size(1) // 2
     kept, kept_late, late_fraction, recall, oracle = [], [], [], [], []
@@ -89,7 +90,8 @@ def mask_statistics(student, teacher, tokens, block_size, windows=4):
         per_head = mask.sum(-1).float()  # (B, H, T)
         kept.append(per_head.mean().item())
         kept_late.append(per_head[:, :, half:].mean().item())
-        late_fraction.append((per_head[:, :, half:] / torch.arange(half + 1, T + 1)).mean().item())
+        row_lengths = torch.arange(half + 1, T + 1, device=device)
+        late_fraction.append((per_head[:, :, half:] / row_lengths).mean().item())
         recall.append((probs * mask).sum(-1).mean().item())
         oracle.append(oracle_recall(probs, s_layer["kept_per_row"]))
     average = lambda xs: sum(xs) / len(xs)
@@ -103,7 +105,7 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    idx = sample_windows(tokens, block_size, 1)
+    idx = sample_windows(tokens, block_size, 1).to(next(student.parameters()).device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     t_layer, s_layer = teacher_layers[layer], student_layers[layer]
     panels = [("teacher attention", t_layer["probs"][0, head]),
@@ -112,7 +114,7 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for ax, (title, image) in zip(axes, panels):
         shown = image.clamp_min(1e-4).log10() if "attention" in title else image
-        ax.imshow(shown.numpy(), cmap="viridis" if "attention" in title else "gray_r", interpolation="nearest")
+        ax.imshow(shown.cpu().numpy(), cmap="viridis" if "attention" in title else "gray_r", interpolation="nearest")
         ax.set_title(title)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
@@ -133,7 +135,7 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
         teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype)[0]
         row["ratio"] = ppl / teacher_ppl
         if model.config.attn == "sea":
-            row.update(mask_statistics(model.cpu(), teacher.cpu(), tokens, block_size))
+            row.update(mask_statistics(model, teacher, tokens, block_size))
     return row
 
 
@@ -366,7 +368,7 @@ def main(argv=None):
     if teacher is not None:
         print(f"{'model':<10} {'ppl':>9} {'ratio':>8}\n{format_row(model.config.attn, row)}")
     if args.plot:
-        plot_attention(model.cpu(), teacher.cpu(), tokens, block_size, args.plot, args.layer, args.head)
+        plot_attention(model, teacher, tokens, block_size, args.plot, args.layer, args.head)
     return row['ppl']
 
 

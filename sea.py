@@ -15,7 +15,8 @@ keys only. The steps follow the paper (and ../shared/SEA.md section 3):
   8. mix               with the running mean of the values, by a second gate
 
 Shapes: B batch, H heads, T sequence, D head dim, M bins, R query rows of a chunk.
-Nothing here is T x T except the helpers for the loss and pictures at the bottom.
+At inference nothing here is T x T but the helpers for the loss and pictures at the
+bottom; training runs step 7 as a masked dense softmax, as the loss is T x T anyway.
 """
 
 import math
@@ -239,6 +240,19 @@ def sparse_attention(q, k, v, keep, row0):
     return scores.new_zeros(n_segments, D).index_add(0, segment, cell_out).view(B, H, R, D)
 
 
+def masked_attention(q, k, v, keep, row0):
+    """Step 7 as a dense softmax under the kept-key mask: sparse_attention's numbers, but with
+    (B, H, R, T) scores. Training uses it: the distillation loss builds T x T maps anyway, and
+    one large matmul trains much faster on a GPU than many small gathered blocks."""
+    R, T = keep.size(2), k.size(2)
+    mask = kept_key_mask(keep, row0, T)  # (B, H, R, T)
+    q, k, v = full_precision(q[:, :, row0:row0 + R]), full_precision(k), full_precision(v)
+    scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, torch.finfo(q.dtype).min)
+    # a finite fill keeps gradients finite; rows that kept no key come out as zeros
+    probs = scores.softmax(-1) * mask.any(-1, keepdim=True)
+    return probs @ v
+
+
 # -----------------------------------------------------------------------------
 # the module model.py plugs in
 
@@ -257,27 +271,27 @@ class SEAAttention(nn.Module):
     def encode(self, q, k, v):
         """Steps 1-2: e (B, H, T, 2D) from the linear estimate over [positions, values]."""
         B, H, T, D = v.shape
-        with torch.autocast(q.device.type, enabled=False):
-            q, k, v = full_precision(q), full_precision(k), full_precision(v)
-            values = torch.cat([self.positions[:T].expand(B, H, T, D).to(v.dtype), v], dim=-1)  # (B, H, T, 2D)
-            c = causal_linear_attention(self.features(q), self.features(k), values)
-            return self.encoder(torch.cat([c, v], dim=-1))  # f (B, H, T, 3D) -> e
+        q, k, v = full_precision(q), full_precision(k), full_precision(v)
+        values = torch.cat([self.positions[:T].expand(B, H, T, D).to(v.dtype), v], dim=-1)  # (B, H, T, 2D)
+        c = causal_linear_attention(self.features(q), self.features(k), values)
+        return self.encoder(torch.cat([c, v], dim=-1))  # f (B, H, T, 3D) -> e
 
     def row_chunks(self, T, need_weights):
         step = T if need_weights or self.training else self.cfg.query_chunk
         return [(start, min(start + step, T)) for start in range(0, T, step)]
 
     def sparse_step(self, q):
-        """Steps 6-7 in PyTorch, or fused in Triton (kernel.py): by default on CUDA at inference."""
+        """Steps 6-7. Training: masked_attention. Inference: the gathered sparse_attention, or
+        the Triton kernel (kernel.py), by default on CUDA."""
         needs_grad = torch.is_grad_enabled() and q.requires_grad
         use_kernel = self.cfg.use_kernel
-        if use_kernel is None:
-            use_kernel = q.is_cuda and not needs_grad
-        if not use_kernel:
-            return sparse_attention
-        if needs_grad:
+        if use_kernel and needs_grad:
             raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
                              "use_kernel=None or False, or run under torch.no_grad()")
+        if needs_grad:
+            return masked_attention
+        if not (q.is_cuda if use_kernel is None else use_kernel):
+            return sparse_attention
         from kernel import sparse_attention_triton
         return sparse_attention_triton
 
@@ -287,6 +301,11 @@ class SEAAttention(nn.Module):
         aux: kept_per_row (B, T) kept keys per query summed over heads; with need_weights
         also scores (s_hat, B, H, T, M) and kept_bins (B, H, T, M) for losses and pictures.
         """
+        # full precision whatever autocast is on outside: the kept keys must not depend on it
+        with torch.autocast(q.device.type, enabled=False):
+            return self.attend(q, k, v, need_weights)
+
+    def attend(self, q, k, v, need_weights):
         B, H, T, D = q.shape
         e = self.encode(q, k, v)
         halo = CompressedScoreDecoder.HALO
@@ -320,28 +339,32 @@ def kept_keys_per_row(kept_bins):
 
 
 # -----------------------------------------------------------------------------
-# T x T views, for the distillation loss, tests and pictures only
+# T x T views: for the distillation loss, masked_attention, tests and pictures
 
-def key_bins(T, bins, device=None):
-    """(T, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
+def key_bins(rows, T, bins):
+    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
+    i = rows[:, None]
+    j = torch.arange(T, device=rows.device)[None, :]
     return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
 
 
-def causal_mask(T, device=None):
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+def causal_mask(rows, T):
+    """(R, T) bool: key j is visible from row i when j <= i."""
+    return torch.arange(T, device=rows.device)[None, :] <= rows[:, None]
 
 
 def estimated_attention_map(scores):
     """s_hat (B, H, T, M) -> the estimated attention (B, H, T, T): bins spread to keys, softmaxed."""
     B, H, T, M = scores.shape
-    spread = scores.float().gather(-1, key_bins(T, M, scores.device).expand(B, H, T, T))
-    return spread.masked_fill(~causal_mask(T, scores.device), float("-inf")).softmax(-1)
+    rows = torch.arange(T, device=scores.device)
+    spread = scores.float().gather(-1, key_bins(rows, T, M).expand(B, H, T, T))
+    return spread.masked_fill(~causal_mask(rows, T), float("-inf")).softmax(-1)
 
 
-def kept_key_mask(kept_bins):
-    """(B, H, T, M) kept bins -> (B, H, T, T) bool: key j attended by head h in row i."""
-    B, H, T, M = kept_bins.shape
-    mask = kept_bins.gather(-1, key_bins(T, M, kept_bins.device).expand(B, H, T, T))
-    return mask & causal_mask(T, kept_bins.device)
+def kept_key_mask(kept_bins, row0=0, T=None):
+    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i."""
+    B, H, R, M = kept_bins.shape
+    T = T or row0 + R
+    rows = torch.arange(row0, row0 + R, device=kept_bins.device)
+    mask = kept_bins.gather(-1, key_bins(rows, T, M).expand(B, H, R, T))
+    return mask & causal_mask(rows, T)

@@ -166,7 +166,9 @@ def load_model(path_or_name, **overrides):
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
     if args.method == "dense":
-        return load_model(args.init_from) if args.init_from else OPT(OPTConfig.preset(args.preset))
+        if args.init_from:
+            return load_model(args.init_from)
+        return OPT(OPTConfig.preset(args.preset, dropout=args.dropout))
     sea = SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf)
     return load_model(args.teacher, attn=args.method, sea=sea)
 
@@ -273,6 +275,12 @@ def estimate_val_loss(model, tokens, args, device):
     return sum(losses) / len(losses)
 
 
+def peak_memory(device):
+    if device.type != "cuda":
+        return ""
+    return f" | peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
 def save_checkpoint(path, model, optimizer, it, best_val, args):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dict(model=model.state_dict(), config=model.config.to_dict(),
@@ -350,7 +358,7 @@ def train(args):
             shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
             print(f"iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
                   f"lr {lr_at(it, args):.2e} | {iters * tokens_per_iter / (now - last_log):,.0f} tok/s | "
-                  f"{now - started:.0f}s", flush=True)
+                  f"{now - started:.0f}s{peak_memory(device)}", flush=True)
             last_log = now
         if master and (done % args.eval_interval == 0 or done == args.max_iters):
             val = estimate_val_loss(model, val_tokens, args, device)
@@ -377,6 +385,7 @@ def parse_args(argv):
                    help="SEA: T_M, bins of the compressed attention rows")
     p.add_argument("--nbf", type=int, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
                                        "or a hub name (facebook/opt-125m)")
     p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>)")
@@ -431,6 +440,8 @@ def fill_defaults(args, parser):
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if args.device == "cpu" or cuda_bf16 else "float16"
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout {args.dropout} must be in [0, 1)")
     if args.block_size is not None and args.block_size < 1:
         parser.error("--block-size must be positive")
     return args

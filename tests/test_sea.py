@@ -5,7 +5,7 @@ import torch
 
 from model import OPT, OPTConfig
 from sea import (SEAAttention, SEAConfig, causal_linear_attention, decompress, estimated_attention_map,
-                 grouped_topk, row_budget, sparse_attention)
+                 grouped_topk, masked_attention, row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
@@ -29,13 +29,16 @@ def random_keep(B, H, T, M, k, seed=0):
     return grouped_topk(torch.rand(B, H, T, M, generator=gen), torch.arange(T), k)
 
 
-def test_sparse_path_equals_dense_masked_reference_with_gradients():
+@pytest.mark.parametrize("step7", [sparse_attention, masked_attention])
+def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
     torch.manual_seed(0)
     B, H, T, D, M, k = 2, 3, 50, 8, 16, 3
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     keep = random_keep(B, H, T, M, k)
-    ours = sparse_attention(q, kk, v, keep, row0=0)
+    keep[0, 1, 30] = False  # a head that keeps nothing in a row gives zeros there
+    ours = step7(q, kk, v, keep, row0=0)
     reference = masked_dense_attention(q, kk, v, formula_key_mask(keep))
+    assert ours[0, 1, 30].abs().max() == 0
     torch.testing.assert_close(ours, reference)
     grad = torch.randn_like(ours)
     ours_grads = torch.autograd.grad(ours, (q, kk, v), grad)
@@ -110,6 +113,19 @@ def test_inference_chunks_equal_one_pass():
         chunked, _ = attention(q, kk, v)
         whole, _ = attention(q, kk, v, need_weights=True)
     torch.testing.assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autocast_does_not_change_sea(training):
+    torch.manual_seed(0)
+    attention = SEAAttention(2, 8, 64, SEAConfig(k=3, predictor_length=16)).train(training)
+    q, kk, v = (torch.randn(2, 2, 60, 8) for _ in range(3))
+    plain, plain_aux = attention(q, kk, v, need_weights=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_aux = attention(q, kk, v, need_weights=True)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed_aux["kept_bins"], plain_aux["kept_bins"])
+    torch.testing.assert_close(mixed, plain)
 
 
 @pytest.mark.parametrize("attn", ["sea", "performer"])
