@@ -24,11 +24,12 @@ def val_loss(model, tokens):
 def test_dense_training_lowers_loss_and_resumes(wikitext, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--method", "dense", "--preset", "tiny", "--data-dir", str(wikitext), "--out-dir", str(out),
-            *FAST]
+            "--dropout", "0.1", *FAST]
     train.main([*args, "--max-iters", "20", "--eval-interval", "10"])
     first = torch.load(out / "ckpt.pt", weights_only=False)
     assert first["iter"] == 20
     model = OPT.from_checkpoint(out / "ckpt.pt")
+    assert model.config.dropout == 0.1
     tokens = load_tokens("valid", wikitext)
     torch.manual_seed(1337)  # the same initial weights train.py started from
     fresh = OPT(model.config)
@@ -46,6 +47,7 @@ def test_dense_training_lowers_loss_and_resumes(wikitext, tmp_path, capsys):
     (["--block-size", "4096"], "exceeds the model's 256"),
     (["--init-from", "/no/such/dir"], "no such file"),
     (["--resume"], "no checkpoint"),
+    (["--dropout", "1.5"], "must be in [0, 1)"),
 ])
 def test_bad_flags_fail_with_message(wikitext, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
