@@ -84,14 +84,14 @@ def mask_statistics(student, teacher, tokens, block_size, windows=4):
     idx = sample_windows(tokens, block_size, windows).to(device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     T, half = idx.size(1), idx.size(1) // 2
+    late_row_lengths = torch.arange(half + 1, T + 1, device=device)
     kept, kept_late, late_fraction, recall, oracle = [], [], [], [], []
     for t_layer, s_layer in zip(teacher_layers, student_layers):
         mask, probs = kept_key_mask(s_layer["kept_bins"]), t_layer["probs"]
         per_head = mask.sum(-1).float()  # (B, H, T)
         kept.append(per_head.mean().item())
         kept_late.append(per_head[:, :, half:].mean().item())
-        row_lengths = torch.arange(half + 1, T + 1, device=device)
-        late_fraction.append((per_head[:, :, half:] / row_lengths).mean().item())
+        late_fraction.append((per_head[:, :, half:] / late_row_lengths).mean().item())
         recall.append((probs * mask).sum(-1).mean().item())
         oracle.append(oracle_recall(probs, s_layer["kept_per_row"]))
     average = lambda xs: sum(xs) / len(xs)
