@@ -20,20 +20,29 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from model import OPT, DenseAttention, OPTConfig
+from data import SPLITS, check_long_enough, load_tokens
+from model import OPT, DenseAttention, OPTConfig, load_model
 from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask
-from train import SPLITS, autocast_context, load_model, load_tokens
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for `dtype` ("float32" runs without autocast)."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32"):
     """Returns (perplexity, tokens scored) over non-overlapping windows of block_size tokens."""
     device = torch.device(device)
+    check_long_enough(tokens, 2, "split to score")
     model.eval()
     ids = torch.as_tensor(tokens.astype("int64"))
     windows = [ids[s:s + block_size] for s in range(0, len(ids), block_size)]
@@ -180,7 +189,7 @@ def model_under_test(attn, length, device, dtype, sea):
     model = model.to(device).eval()
     idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
     def run():
-        with autocast_context(torch.device(device), dtype):
+        with autocast_context(device, dtype):
             model(idx)
     return run
 
@@ -317,39 +326,82 @@ def plot_benchmark(lengths, results, path, title):
     print(f"wrote {path}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# -----------------------------------------------------------------------------
+# the command line, shared with train.py: bad input ends in one line, never a traceback
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, 'error: ...', without the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def bounded(kind, low, inclusive):
+    """An argparse type: a finite `kind` (int or float) above `low`, or from `low` when inclusive."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'more than'} {low}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = bounded(int, 0, inclusive=False), bounded(int, 0, inclusive=True)
+positive_float, non_negative_float = bounded(float, 0, inclusive=False), bounded(float, 0, inclusive=True)
+
+
+def length_list(text):
+    """--bench-lengths: comma-separated positive sequence lengths."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def exit_on_bad_input(run):
+    """Run a command; bad input and missing files (ValueError, OSError) end in 'error: ...'."""
+    try:
+        return run()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def parse_args(argv):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a checkpoint written by train.py")
     source.add_argument("--init-from", help="a Hugging Face OPT directory or hub name")
     source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
     source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
-    p.add_argument("--bench-lengths", default="1024,2048,4096,8192,16384,32768",
-                   help="comma-separated sequence lengths for --bench")
-    p.add_argument("--bench-heads", type=int, default=12)
-    p.add_argument("--bench-model-length", type=int, default=2048,
+    p.add_argument("--bench-lengths", type=length_list, default=[1024, 2048, 4096, 8192, 16384, 32768],
+                   help="comma-separated sequence lengths for --bench (default 1024,...,32768)")
+    p.add_argument("--bench-heads", type=positive_int, default=12)
+    p.add_argument("--bench-model-length", type=positive_int, default=2048,
                    help="sequence length of the whole-model line of --bench")
     p.add_argument("--teacher", help="a dense teacher: adds the perplexity ratio and, for SEA, "
                                      "mask statistics (kept keys, recall vs oracle)")
     p.add_argument("--plot", help="PNG file: teacher vs SEA estimated attention vs SEA kept keys "
                                   "(with --bench: latency and memory against T)")
     p.add_argument("--layer", type=int, default=-1, help="layer for --plot (default the last)")
-    p.add_argument("--head", type=int, default=0, help="head for --plot")
+    p.add_argument("--head", type=non_negative_int, default=0, help="head for --plot")
     p.add_argument("--split", choices=SPLITS, default="test")
-    p.add_argument("--block-size", type=int, help="window length (default: the model's block_size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=positive_int, help="window length (default: the model's block_size)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--data-dir", help="WikiText-2 folder (default $SEA_DATA_DIR, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32; --bench: float16 on CUDA, float32 on CPU")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p, p.parse_args(argv)
+
+
+def run(p, args):
     if args.bench_child:
         return bench_child(json.loads(args.bench_child))
     if args.bench:
         dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-        lengths = [int(t) for t in args.bench_lengths.split(",")]
-        return benchmark(lengths, args.device, dtype, heads=args.bench_heads,
+        return benchmark(args.bench_lengths, args.device, dtype, heads=args.bench_heads,
                          model_length=args.bench_model_length, plot=args.plot)
 
     model = load_model(args.ckpt or args.init_from).to(args.device)
@@ -360,7 +412,13 @@ def main(argv=None):
         p.error("--plot needs --teacher (the picture compares SEA with the teacher's attention)")
     if args.plot and model.config.attn != "sea":
         p.error(f"--plot draws SEA's estimate and mask; this model has attn={model.config.attn}")
+    if args.plot and not (-model.config.n_layer <= args.layer < model.config.n_layer
+                          and args.head < model.config.n_head):
+        p.error(f"--layer {args.layer} / --head {args.head}: the model has {model.config.n_layer} layers "
+                f"and {model.config.n_head} heads")
     teacher = load_model(args.teacher).to(args.device) if args.teacher else None
+    if teacher is not None and teacher.config.attn != "dense":
+        p.error(f"--teacher {args.teacher} has attn={teacher.config.attn}; pass a dense teacher")
     tokens = load_tokens(args.split, args.data_dir, args.cache_dir)
     row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype or "float32")
     print(f"{args.split} perplexity {row['ppl']:.2f} over {row['tokens']:,} tokens "
@@ -370,6 +428,11 @@ def main(argv=None):
     if args.plot:
         plot_attention(model, teacher, tokens, block_size, args.plot, args.layer, args.head)
     return row['ppl']
+
+
+def main(argv=None):
+    p, args = parse_args(sys.argv[1:] if argv is None else argv)
+    return exit_on_bad_input(lambda: run(p, args))
 
 
 if __name__ == "__main__":

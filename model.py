@@ -11,7 +11,6 @@ context, "dense" (softmax), "sea" (sea.py) or "performer" (FAVOR+ linear attenti
 """
 
 import json
-import os
 import re
 import urllib.error
 import urllib.request
@@ -23,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sea import SEAConfig
+from data import default_cache_dir, get_tokenizer
+from sea import PerformerAttention, SEAAttention, SEAConfig
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
@@ -114,7 +114,6 @@ def build_attention(config):
     """The one place where `config.attn` picks the attention mechanism."""
     if config.attn == "dense":
         return DenseAttention()
-    from sea import PerformerAttention, SEAAttention
     if config.attn == "sea":
         return SEAAttention(config.n_head, config.head_dim, config.block_size, config.sea)
     return PerformerAttention(config.head_dim, config.sea.nbf)
@@ -255,18 +254,19 @@ class OPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, **overrides):
         """Load a checkpoint written by train.py (it carries its own config)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}: pass the ckpt.pt written by train.py")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path} is not a train.py checkpoint (no 'config'/'model' entries); "
-                             f"for a Hugging Face OPT directory use OPT.from_pretrained / --init-from")
-        config = OPTConfig(**{**ckpt["config"], **overrides})
+        return cls.from_checkpoint_dict(read_checkpoint(path), str(path), **overrides)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt, source, **overrides):
+        """The model of an already-read train.py checkpoint; `source` names it in errors."""
+        try:
+            config = OPTConfig(**{**ckpt["config"], **overrides})
+        except TypeError as e:  # a field this version of model.py does not know
+            raise ValueError(f"{source}: its config does not fit this version of model.py ({e})") from None
         model = cls(config)
         # a student checkpoint must hold every tensor; a teacher loaded as a SEA/performer
         # student (attn override) legitimately lacks the new attention parameters
-        model.load_checked_state_dict(ckpt["model"], str(path), strict=not overrides)
+        model.load_checked_state_dict(ckpt["model"], source, strict=not overrides)
         return model
 
     @classmethod
@@ -289,7 +289,35 @@ class OPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Hugging Face OPT checkpoints
+# checkpoints: train.py's own, and Hugging Face OPT
+
+def read_checkpoint(path):
+    """torch.load of a train.py checkpoint, with an error that names the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass the ckpt.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load fails in many ways on a file that is not a checkpoint
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be "
+                         f"truncated or not written by train.py: pass the ckpt.pt that train.py "
+                         f"wrote, or train again") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a train.py checkpoint (no 'config'/'model' entries); "
+                         f"for a Hugging Face OPT directory use OPT.from_pretrained / --init-from")
+    return ckpt
+
+
+def load_model(path_or_name, **overrides):
+    """A train.py checkpoint (file) or a Hugging Face OPT (directory or hub name)."""
+    if Path(path_or_name).is_file():
+        return OPT.from_checkpoint(path_or_name, **overrides)
+    if Path(path_or_name).is_dir() or is_hub_name(path_or_name):
+        return OPT.from_pretrained(path_or_name, **overrides)
+    raise FileNotFoundError(f"{path_or_name}: no such checkpoint file or directory (pass a ckpt.pt "
+                            f"from train.py, a Hugging Face OPT directory, or a hub name such as "
+                            f"facebook/opt-125m)")
+
 
 HF_FILES_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 
@@ -297,10 +325,6 @@ HF_FILES_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 def is_hub_name(name):
     """'facebook/opt-125m' is a hub name; '/data/opt', './opt' or 'opt' are local paths."""
     return re.fullmatch(r"[\w-]+/[\w.-]+", str(name)) is not None and not Path(name).exists()
-
-
-def default_cache_dir():
-    return Path(os.environ.get("SEA_CACHE_DIR", Path(__file__).resolve().parent / ".cache"))
 
 
 def _require_file(path):
@@ -326,16 +350,22 @@ def config_from_hf(hf):
 
 def read_hf_state_dict(directory):
     """HF keys ('model.decoder.x' or 'decoder.x') -> our keys ('x'); lm_head is tied, dropped."""
-    if (directory / "pytorch_model.bin").is_file():
-        raw = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    weights = directory / "pytorch_model.bin"
+    if weights.is_file():
+        load = lambda path: torch.load(path, map_location="cpu", weights_only=True)
     elif (directory / "model.safetensors").is_file():
+        weights = directory / "model.safetensors"
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file as load
         except ImportError:
             raise ImportError(f"{directory} holds model.safetensors: pip install safetensors") from None
-        raw = load_file(directory / "model.safetensors")
     else:
-        _require_file(directory / "pytorch_model.bin")
+        _require_file(weights)
+    try:
+        raw = load(weights)
+    except Exception as e:  # truncated downloads and foreign files fail in many ways
+        raise ValueError(f"{weights} is not readable ({type(e).__name__}); it may be truncated: "
+                         f"download it again") from None
     state = {}
     for key, tensor in raw.items():
         if key == "lm_head.weight":
@@ -389,7 +419,6 @@ def bytes_to_unicode():
 
 def opt_ids_for_gpt2_tokens(vocab):
     """LongTensor (50257,): entry t is the OPT id of tiktoken gpt2 token t (50256 -> </s>)."""
-    from train import get_tokenizer
     enc = get_tokenizer()
     byte_char = bytes_to_unicode()
     ids = []

@@ -368,3 +368,62 @@ def kept_key_mask(kept_bins, row0=0, T=None):
     rows = torch.arange(row0, row0 + R, device=kept_bins.device)
     mask = kept_bins.gather(-1, key_bins(rows, T, M).expand(B, H, R, T))
     return mask & causal_mask(rows, T)
+
+
+# -----------------------------------------------------------------------------
+# python sea.py: the eight steps on a small random input, with their shapes
+
+def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, predictor_length=16), rows=(3, 11, 23, 47)):
+    """Run SEAAttention once and print what each step produced, then a few rows' budgets and kept keys."""
+    torch.manual_seed(0)
+    attention = SEAAttention(H, D, T, cfg).eval()
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    q = q * D ** -0.5
+    shapes = {}
+
+    def record(name):  # a forward hook that keeps the first call's inputs and output
+        def hook(module, inputs, output):
+            shapes.setdefault(name, (inputs, output))
+        return hook
+
+    hooks = [attention.features.register_forward_hook(record("features")),
+             attention.encoder.register_forward_hook(record("encoder")),
+             attention.decoder.register_forward_hook(record("decoder")),
+             attention.gates.register_forward_hook(record("gates"))]
+    with torch.no_grad():
+        out, aux = attention(q, k, v, need_weights=True)
+    for hook in hooks:
+        hook.remove()
+    m = attention.features.W.size(0)
+    b, h, r, start, length = decompress(aux["kept_bins"], torch.arange(T))
+    steps = [
+        ("input", "q, k, v", q.shape, "q already scaled by D^-1/2"),
+        ("1 linear estimate", "phi(q), phi(k)", shapes["features"][1].shape, f"m = {m} ReLU random features"),
+        ("", "f = [c, v]", shapes["encoder"][0][0].shape, "c = causal FAVOR+ over [P, v], width 2D"),
+        ("2 encode", "e", shapes["encoder"][1].shape, "GELU(LayerNorm(Linear(f)))"),
+        ("3 decode", "s_hat", shapes["decoder"][1].shape, f"causal CNN, T_M = {cfg.predictor_length} bins"),
+        ("4 probabilities", "p_hat", aux["scores"].shape, "softmax over the bins"),
+        ("5 grouped top-k", "kept bins", aux["kept_bins"].shape,
+         f"{int(aux['kept_bins'].sum())} (head, bin) cells kept in all"),
+        ("6 decompress", "key ranges", (len(start),),
+         "one [start, start + length) per kept cell (empty bins of short rows dropped)"),
+        ("7 sparse attention", "(g0, g1)", shapes["gates"][1].shape, "softmax over kept keys, times sigmoid(g0)"),
+        ("8 mix", "out", out.shape, "sigmoid(g1) * sparse + (1 - sigmoid(g1)) * running mean of v"),
+    ]
+    print(f"SEA on a random input: B={B} H={H} T={T} D={D}, T_M={cfg.predictor_length}, k={cfg.k}\n")
+    for step, name, shape, note in steps:
+        print(f"{step:<20} {name:<16} {str(tuple(shape)):<18} {note}")
+    budget = row_budget(torch.arange(T), H, cfg.k, cfg.predictor_length)
+    print(f"\nrow i sees keys 0..i; it keeps n_i = round(H k T_M / (i + 1)) of its H x T_M cells (step 5):")
+    for i in rows:
+        ranges = {head: [] for head in range(H)}
+        for cell in ((b == 0) & (r == i)).nonzero().flatten().tolist():
+            first, last = int(start[cell]), int(start[cell] + length[cell] - 1)
+            ranges[int(h[cell])].append(f"[{first}]" if first == last else f"[{first}-{last}]")
+        kept = "; ".join(f"head {head}: {' '.join(keys) or '-'}" for head, keys in ranges.items())
+        print(f"row {i:>3} ({i + 1:>2} keys): n_i = {int(budget[i]):>2} cells, "
+              f"{int(aux['kept_per_row'][0, i]):>2} keys kept over {H} heads   {kept}")
+
+
+if __name__ == "__main__":
+    walk_through()

@@ -1,6 +1,6 @@
 """
 Train on WikiText-2: a dense OPT teacher (from scratch or fine-tuned), or a SEA / Performer
-student distilled from a teacher. Also home of the data and tokenizer helpers.
+student distilled from a teacher; with no arguments, the whole CPU demo.
 
     python train.py                                            # the whole CPU demo
     python train.py --method dense --preset tiny               # tiny teacher from scratch
@@ -9,131 +9,31 @@ student distilled from a teacher. Also home of the data and tokenizer helpers.
     torchrun --standalone --nproc_per_node=2 train.py --method dense --preset tiny
 
 Data: WikiText-2 from --data-dir (or $SEA_DATA_DIR) in either published layout
-(wiki.{split}.raw or wiki.{split}.tokens); without one the raw variant is downloaded.
-Token ids are tiktoken "gpt2" ids, cached as uint16 .bin files in $SEA_CACHE_DIR
-(default: .cache/ next to this file).
+(wiki.{split}.raw or wiki.{split}.tokens); without one the raw variant is downloaded
+(data.py). Checkpoints go to <out-dir>/ckpt.pt, written atomically.
 """
 
 import argparse
-import hashlib
 import math
 import os
 import sys
 import time
-import urllib.request
-import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import OPT, OPTConfig, PRESETS, causal_attention_probs, default_cache_dir, is_hub_name
+import eval as evaluate
+from data import DATA_ENV, check_long_enough, get_batch, load_tokens
+from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negative_float, non_negative_int,
+                  positive_float, positive_int)
+from model import OPT, OPTConfig, PRESETS, causal_attention_probs, is_hub_name, load_model, read_checkpoint
 from sea import SEAConfig, estimated_attention_map
 
 # -----------------------------------------------------------------------------
-# tokenizer and data
-
-SPLITS = ("train", "valid", "test")
-DATA_ENV = "SEA_DATA_DIR"
-WIKITEXT2_RAW_URL = "https://wikitext.smerity.com/wikitext-2-raw-v1.zip"
-_tokenizer = None
-
-
-def get_tokenizer():
-    """tiktoken's gpt2 BPE; offline it needs $TIKTOKEN_CACHE_DIR pointing at a ready cache."""
-    global _tokenizer
-    if _tokenizer is None:
-        import tiktoken
-        try:
-            _tokenizer = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise ConnectionError(
-                f"could not load tiktoken's gpt2 encoding ({type(e).__name__}: {e}). Offline? "
-                f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
-    return _tokenizer
-
-
-def find_split_file(data_dir, split):
-    """The split's file in either published layout: wiki.{split}.raw or wiki.{split}.tokens."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir} does not exist (set by --data-dir "
-                                f"or ${DATA_ENV})")
-    candidates = [data_dir / f"wiki.{split}.raw", data_dir / f"wiki.{split}.tokens"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no WikiText-2 {split} split in {data_dir}: expected "
-                            f"{candidates[0].name} (raw layout) or {candidates[1].name} (v1 layout)")
-
-
-def download_wikitext2_raw(cache_dir):
-    """Download and unpack the raw WikiText-2 archive; returns the folder with wiki.*.raw."""
-    target = Path(cache_dir) / "wikitext-2-raw"
-    if all((target / f"wiki.{s}.raw").is_file() for s in SPLITS):
-        return target
-    archive = Path(cache_dir) / "wikitext-2-raw-v1.zip"
-    try:
-        if not archive.is_file():
-            print(f"downloading WikiText-2 (raw) from {WIKITEXT2_RAW_URL}")
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            urllib.request.urlretrieve(WIKITEXT2_RAW_URL, archive.with_suffix(".part"))
-            archive.with_suffix(".part").rename(archive)
-    except OSError as e:
-        raise ConnectionError(f"could not download WikiText-2 ({e}). Offline? Pass --data-dir (or set "
-                           f"${DATA_ENV}) to a folder with wiki.{{train,valid,test}}.raw or "
-                           f".tokens files") from e
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(cache_dir)  # the archive holds wikitext-2-raw/wiki.{split}.raw
-    return target
-
-
-def load_tokens(split, data_dir=None, cache_dir=None):
-    """The split tokenized with gpt2, as a uint16 array; tokenized once, then read from cache."""
-    cache_dir = Path(cache_dir or default_cache_dir())
-    data_dir = data_dir or os.environ.get(DATA_ENV) or download_wikitext2_raw(cache_dir)
-    source = find_split_file(data_dir, split)
-    raw = source.read_bytes()
-    digest = hashlib.sha1(raw).hexdigest()[:16]  # a changed source file gets a new cache entry
-    cached = cache_dir / "tokens" / f"{source.name}.{digest}.bin"
-    if cached.is_file():
-        return np.fromfile(cached, dtype=np.uint16)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{source} is not UTF-8 text ({e}); expected a WikiText-2 split") from e
-    if not text.strip():
-        raise ValueError(f"{source} is empty; expected a WikiText-2 split")
-    print(f"tokenizing {source} ...")
-    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tokens.tofile(cached.with_suffix(".part"))
-    cached.with_suffix(".part").rename(cached)
-    print(f"cached {len(tokens):,} tokens in {cached}")
-    return tokens
-
-
-def get_batch(tokens, batch_size, block_size, generator, device):
-    """Random windows: x (B, T) and the next tokens y (B, T)."""
-    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator)
-    window = torch.stack([torch.from_numpy(tokens[s:s + block_size + 1].astype(np.int64))
-                          for s in starts.tolist()])
-    return window[:, :-1].to(device), window[:, 1:].to(device)
-
-
-# -----------------------------------------------------------------------------
-# devices, precision, distributed
-
-def autocast_context(device, dtype):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
+# distributed
 
 def setup_distributed(device_flag):
     """(rank, world_size, device); under torchrun one process per GPU, or gloo on CPU."""
@@ -151,17 +51,6 @@ def setup_distributed(device_flag):
 
 # -----------------------------------------------------------------------------
 # models and optimizer
-
-def load_model(path_or_name, **overrides):
-    """A train.py checkpoint (file) or a Hugging Face OPT (directory or hub name)."""
-    if Path(path_or_name).is_file():
-        return OPT.from_checkpoint(path_or_name, **overrides)
-    if Path(path_or_name).is_dir() or is_hub_name(path_or_name):
-        return OPT.from_pretrained(path_or_name, **overrides)
-    raise FileNotFoundError(f"{path_or_name}: no such checkpoint file or directory (pass a ckpt.pt "
-                            f"from train.py, a Hugging Face OPT directory, or a hub name such as "
-                            f"facebook/opt-125m)")
-
 
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
@@ -301,8 +190,11 @@ def train(args):
     if args.resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model = OPT.from_checkpoint(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path)
+        model = OPT.from_checkpoint_dict(checkpoint, str(ckpt_path))
+        if checkpoint["iter"] >= args.max_iters:
+            raise ValueError(f"--resume: {ckpt_path} is at iteration {checkpoint['iter']}, so "
+                             f"--max-iters {args.max_iters} leaves nothing to train; raise --max-iters")
     else:
         checkpoint, model = None, build_student(args)
     teacher = load_teacher(args)
@@ -322,6 +214,8 @@ def train(args):
 
     train_tokens = load_tokens("train", args.data_dir, args.cache_dir)
     val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
+    for split, tokens in (("train", train_tokens), ("valid", val_tokens)):
+        check_long_enough(tokens, args.block_size + 2, f"{split} split")
     ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -362,6 +256,9 @@ def train(args):
             last_log = now
         if master and (done % args.eval_interval == 0 or done == args.max_iters):
             val = estimate_val_loss(model, val_tokens, args, device)
+            if not math.isfinite(val):  # a diverged run never overwrites a good checkpoint
+                raise ValueError(f"validation loss is {val} at iteration {done}: training diverged "
+                                 f"(try a lower --lr); {ckpt_path} was left as it was")
             best_val = min(best_val, val)
             save_checkpoint(ckpt_path, model, optimizer, done, best_val, args)
             print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {ckpt_path}",
@@ -375,15 +272,15 @@ def train(args):
 # command line
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["dense", "sea", "performer"], default="dense",
                    help="dense: train a teacher; sea / performer: distill a student from --teacher")
     p.add_argument("--teacher", help="teacher for sea/performer: a train.py checkpoint, a Hugging Face "
                                      "OPT directory or a hub name")
-    p.add_argument("--k", type=int, default=SEAConfig.k, help="SEA: kept keys per query per head")
-    p.add_argument("--predictor-length", type=int, default=SEAConfig.predictor_length,
+    p.add_argument("--k", type=positive_int, default=SEAConfig.k, help="SEA: kept keys per query per head")
+    p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
                    help="SEA: T_M, bins of the compressed attention rows")
-    p.add_argument("--nbf", type=int, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
+    p.add_argument("--nbf", type=positive_float, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
@@ -392,20 +289,20 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--data-dir", help=f"WikiText-2 folder (default ${DATA_ENV}, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
-    p.add_argument("--block-size", type=int, help="training sequence length (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-iters", type=int, help="optimizer steps (default 600 dense, 250 distilling)")
-    p.add_argument("--lr", type=float, help="peak base learning rate (default 1e-3 from scratch, "
+    p.add_argument("--block-size", type=positive_int, help="training sequence length (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-iters", type=positive_int, help="optimizer steps (default 600 dense, 250 distilling)")
+    p.add_argument("--lr", type=positive_float, help="peak base learning rate (default 1e-3 from scratch, "
                                             "2e-5 fine-tuning, 1e-4 distilling)")
-    p.add_argument("--min-lr", type=float, help="final learning rate (default lr / 10)")
-    p.add_argument("--warmup-iters", type=int, help="default max-iters / 12")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, help="iterations between validation losses "
+    p.add_argument("--min-lr", type=non_negative_float, help="final learning rate (default lr / 10)")
+    p.add_argument("--warmup-iters", type=non_negative_int, help="default max-iters / 12")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0)
+    p.add_argument("--eval-interval", type=positive_int, help="iterations between validation losses "
                                                      "(default max-iters / 3, then at the end)")
-    p.add_argument("--eval-iters", type=int, default=20)
-    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--eval-iters", type=positive_int, default=20)
+    p.add_argument("--log-interval", type=positive_int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (default bfloat16 on CPU and capable GPUs, else float16)")
@@ -442,8 +339,6 @@ def fill_defaults(args, parser):
         args.dtype = "bfloat16" if args.device == "cpu" or cuda_bf16 else "float16"
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout {args.dropout} must be in [0, 1)")
-    if args.block_size is not None and args.block_size < 1:
-        parser.error("--block-size must be positive")
     return args
 
 
@@ -457,7 +352,6 @@ DEMO_SEA = ["--method", "sea", "--teacher", "out/dense-tiny/ckpt.pt", "--k", "8"
 
 def demo():
     """Teacher (trained once, then reused), SEA student, both evaluated on the test split."""
-    import eval as evaluate
     started = time.time()
     teacher_args = parse_args(DEMO_TEACHER)
     teacher_path = Path(teacher_args.out_dir) / "ckpt.pt"
@@ -484,10 +378,7 @@ def demo():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        demo() if not argv else train(parse_args(argv))
-    except (ValueError, OSError) as e:  # bad input or missing files: say what and how to fix it
-        sys.exit(f"error: {e}")
+    exit_on_bad_input(lambda: demo() if not argv else train(parse_args(argv)))
 
 
 if __name__ == "__main__":

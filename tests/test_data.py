@@ -1,20 +1,20 @@
 import numpy as np
 import pytest
 
-import train
-from train import find_split_file, load_tokens
+import data
+from data import find_split_file, load_tokens
 
 
 def test_tokenize_cache_and_reuse(wikitext, tmp_path, monkeypatch):
     tokens = load_tokens("train", wikitext)
     assert tokens.dtype == np.uint16 and len(tokens) > 1000
     text = (wikitext / "wiki.train.tokens").read_text()
-    assert train.get_tokenizer().decode(tokens.tolist()) == text
+    assert data.get_tokenizer().decode(tokens.tolist()) == text
     cached = list((tmp_path / "cache" / "tokens").glob("wiki.train.tokens.*.bin"))
     assert len(cached) == 1
 
     # a second run reads the cache and never calls the tokenizer
-    monkeypatch.setattr(train, "get_tokenizer", lambda: pytest.fail("re-tokenized"))
+    monkeypatch.setattr(data, "get_tokenizer", lambda: pytest.fail("re-tokenized"))
     assert np.array_equal(load_tokens("train", wikitext), tokens)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import data
 import eval as evaluate
 import train
 from model import OPT, OPTConfig
@@ -19,7 +20,7 @@ def teacher_path(tmp_path):
 def total_loss(student_path, teacher_path, tokens):
     student, teacher = OPT.from_checkpoint(student_path), OPT.from_checkpoint(teacher_path)
     objective = train.Objective(student.eval(), teacher.eval())
-    x, y = train.get_batch(tokens, 4, 64, torch.Generator().manual_seed(0), "cpu")
+    x, y = data.get_batch(tokens, 4, 64, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         loss, terms = objective(x, y)
     return loss.item(), terms
@@ -33,7 +34,7 @@ def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitex
               "--predictor-length", "16", "--eval-iters", "1", "--log-interval", "3", "--dtype", "float32",
               "--lr", "1e-3", "--warmup-iters", "1"]
     train.main([*common, "--max-iters", "1"])
-    tokens = train.load_tokens("valid", wikitext)
+    tokens = data.load_tokens("valid", wikitext)
     before, terms = total_loss(out / "ckpt.pt", teacher_path, tokens)
     expected = {"lm", "hidden", "kl", "dense", "context"} | ({"estimate"} if method == "sea" else set())
     assert set(terms) == expected
@@ -67,7 +68,7 @@ def test_plot_writes_png(wikitext, teacher_path, tmp_path):
     torch.manual_seed(0)
     teacher = OPT.from_checkpoint(teacher_path)
     student = OPT.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, predictor_length=16))
-    evaluate.plot_attention(student, teacher, train.load_tokens("valid", wikitext), 64, tmp_path / "a.png")
+    evaluate.plot_attention(student, teacher, data.load_tokens("valid", wikitext), 64, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 10_000
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT2_VOCAB_SIZE, OPT, OPTConfig, bytes_to_unicode
-from train import get_tokenizer
+from data import get_tokenizer
 
 HF_VOCAB = 50272  # rows in a real OPT embedding
 

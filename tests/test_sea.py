@@ -1,4 +1,7 @@
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +151,15 @@ def test_whole_model_is_causal(attn, training):
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="SEAConfig"):
         SEAConfig(**bad)
+
+
+def test_running_sea_py_walks_through_the_eight_steps():
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "sea.py")], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for step in ("1 linear estimate", "2 encode", "3 decode", "4 probabilities", "5 grouped top-k",
+                 "6 decompress", "7 sparse attention", "8 mix"):
+        assert any(line.startswith(step) for line in lines), step
+    assert "(1, 2, 48, 16)" in result.stdout  # s_hat (B, H, T, T_M)
+    assert sum(line.startswith("row ") and "keys kept" in line for line in lines) == 4

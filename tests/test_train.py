@@ -8,7 +8,7 @@ import torch
 
 import train
 from model import OPT
-from train import get_batch, load_tokens
+from data import get_batch, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--batch-size", "4", "--block-size", "32", "--eval-iters", "2", "--log-interval", "5",
