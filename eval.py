@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, load_tokens
 from model import OPT, DenseAttention, OPTConfig, load_model
-from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask
+from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map
+
+MASKED_KINDS = ("sea", "window")  # students whose kept keys can be compared with the teacher's attention
 
 
 def autocast_context(device, dtype):
@@ -68,45 +70,62 @@ def sample_windows(tokens, block_size, count):
 
 @torch.no_grad()
 def attention_internals(student, teacher, idx):
-    """Per layer: the teacher's attention probabilities and the SEA student's internals."""
+    """Per layer: the teacher's attention probabilities and the student's internals."""
     _, _, teacher_layers = teacher.eval().forward_internals(idx)
     _, _, student_layers = student.eval().forward_internals(idx)
     return teacher_layers, student_layers
 
 
-def oracle_recall(teacher_probs, kept_per_row):
-    """Teacher mass on its own top keys, grouped across heads like SEA, with SEA's budget.
+def same_count_recalls(probs, kept_mask, counts):
+    """Teacher mass (B, H, T) on the kept keys, and on the same number of keys chosen two other ways.
 
-    teacher_probs (B, H, T, T); kept_per_row (B, T) keys SEA kept per query (all heads).
+    probs (B, H, T, T) the teacher's attention; kept_mask (B, H, T, T); counts (B, H, T) keys kept
+    per (head, row). Returns (recall, window, oracle): the mass on the kept keys, on the `counts`
+    most recent keys of each row, and on the teacher's own top `counts` keys (an upper bound).
     """
-    B, H, T, _ = teacher_probs.shape
-    cells = teacher_probs.transpose(1, 2).reshape(B, T, H * T)
-    best = cells.sort(dim=-1, descending=True).values.cumsum(-1)  # (B, T, H*T)
-    return (best.gather(-1, (kept_per_row.long() - 1)[..., None]).squeeze(-1) / H).mean().item()
+    T = probs.size(-1)
+    recall = (probs * kept_mask).sum(-1)
+    kept_any = counts > 0
+    last = (counts - 1).clamp_min(0).unsqueeze(-1)
+    oracle = probs.sort(dim=-1, descending=True).values.cumsum(-1).gather(-1, last).squeeze(-1) * kept_any
+    prefix = probs.cumsum(-1)  # prefix[.., i, x] = mass on keys 0..x
+    rows = torch.arange(T, device=probs.device)
+    before = rows - counts  # the window of row i is keys before+1 .. i
+    row_total = prefix.gather(-1, rows.expand_as(counts).unsqueeze(-1)).squeeze(-1)
+    outside = prefix.gather(-1, before.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (before >= 0)
+    return recall, row_total - outside, oracle
 
 
 def mask_statistics(student, teacher, tokens, block_size, windows=4):
-    """Mean kept keys per query per head (all rows, and the second half of each window) and
-    mask recall: the share of the teacher's attention mass on SEA's kept keys, next to the
-    oracle that keeps the teacher's own top keys with the same per-row budget."""
+    """Kept keys per query per head and mask recall, over all rows and over the second half of
+    each window (where SEA is sparse), on the split's first `windows` windows. Recall is the share
+    of the teacher's attention mass on the kept keys; beside it, the same number of keys per
+    (head, row) taken as the most recent ones (window) and as the teacher's own top keys (oracle)."""
     device = next(student.parameters()).device  # the teacher must be on the same device
     idx = sample_windows(tokens, block_size, windows).to(device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     T, half = idx.size(1), idx.size(1) // 2
-    late_row_lengths = torch.arange(half + 1, T + 1, device=device)
-    kept, kept_late, late_fraction, recall, oracle = [], [], [], [], []
+    row_lengths = torch.arange(1, T + 1, device=device)
+    per_layer = []
     for t_layer, s_layer in zip(teacher_layers, student_layers):
-        mask, probs = kept_key_mask(s_layer["kept_bins"]), t_layer["probs"]
-        per_head = mask.sum(-1).float()  # (B, H, T)
-        kept.append(per_head.mean().item())
-        kept_late.append(per_head[:, :, half:].mean().item())
-        late_fraction.append((per_head[:, :, half:] / late_row_lengths).mean().item())
-        recall.append((probs * mask).sum(-1).mean().item())
-        oracle.append(oracle_recall(probs, s_layer["kept_per_row"]))
-    average = lambda xs: sum(xs) / len(xs)
-    return dict(kept_per_head=average(kept), kept_per_head_late=average(kept_late),
-                kept_fraction_late=average(late_fraction), recall=average(recall),
-                oracle_recall=average(oracle))
+        counts = s_layer["kept_per_head"]  # (B, H, T)
+        recall, window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts)
+        measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths,
+                        recall=recall, window_recall=window, oracle_recall=oracle)
+        stats = {}
+        for name, value in measures.items():
+            stats[name] = value.mean().item()
+            stats[name + "_late"] = value[:, :, half:].mean().item()
+        per_layer.append(stats)
+    return {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
+
+
+def format_mask_statistics(stats):
+    return (f"kept/head {stats['kept_per_head']:.1f} (late rows {stats['kept_per_head_late']:.1f}, "
+            f"{100 * stats['kept_fraction_late']:.1f}% of the row) | recall {stats['recall']:.3f} "
+            f"(late {stats['recall_late']:.3f}) | same-count window {stats['window_recall']:.3f} "
+            f"({stats['window_recall_late']:.3f}) | oracle {stats['oracle_recall']:.3f} "
+            f"({stats['oracle_recall_late']:.3f})")
 
 
 def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0):
@@ -119,7 +138,7 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
     t_layer, s_layer = teacher_layers[layer], student_layers[layer]
     panels = [("teacher attention", t_layer["probs"][0, head]),
               ("SEA estimated attention", estimated_attention_map(s_layer["scores"])[0, head]),
-              ("SEA kept keys", kept_key_mask(s_layer["kept_bins"])[0, head].float())]
+              ("SEA kept keys", s_layer["kept_mask"][0, head].float())]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for ax, (title, image) in zip(axes, panels):
         shown = image.clamp_min(1e-4).log10() if "attention" in title else image
@@ -143,7 +162,7 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     if teacher is not None:
         teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype)[0]
         row["ratio"] = ppl / teacher_ppl
-        if model.config.attn == "sea":
+        if model.config.attn in MASKED_KINDS:
             row.update(mask_statistics(model, teacher, tokens, block_size))
     return row
 
@@ -153,9 +172,7 @@ def format_row(name, row):
     if "ratio" in row:
         text += f" {row['ratio']:>8.3f}"
     if "kept_per_head" in row:
-        text += (f"   kept/head {row['kept_per_head']:.1f} (late rows {row['kept_per_head_late']:.1f}, "
-                 f"{100 * row['kept_fraction_late']:.1f}% of the row)  recall {row['recall']:.3f} "
-                 f"(oracle {row['oracle_recall']:.3f})")
+        text += "   " + format_mask_statistics(row)
     return text
 
 

@@ -6,7 +6,8 @@ prefix), so a real OPT state dict loads with a rename and one embedding permutat
 (OPT numbers the GPT-2 BPE tokens differently; we speak tiktoken `gpt2` ids).
 
 Attention is pluggable: `OPTConfig.attn` picks the module that turns (q, k, v) into a
-context, "dense" (softmax), "sea" (sea.py) or "performer" (FAVOR+ linear attention).
+context: "dense" (softmax), "sea" (sea.py), "window" (SEA's sliding-window control) or
+"performer" (FAVOR+ linear attention).
 `build_attention` is the one place that switch happens.
 """
 
@@ -23,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import default_cache_dir, get_tokenizer
-from sea import PerformerAttention, SEAAttention, SEAConfig
+from sea import PerformerAttention, SEAAttention, SEAConfig, WindowAttention
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
-ATTENTION_KINDS = ("dense", "sea", "performer")
+ATTENTION_KINDS = ("dense", "sea", "window", "performer")
 
 
 @dataclass
@@ -41,8 +42,8 @@ class OPTConfig:
     pre_ln: bool = True  # HF: do_layer_norm_before (False for opt-350m)
     vocab_size: int = GPT2_VOCAB_SIZE
     dropout: float = 0.0
-    attn: str = "dense"  # "dense" | "sea" | "performer"
-    sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea" and "performer"
+    attn: str = "dense"  # "dense" | "sea" | "window" | "performer"
+    sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea", "window" and "performer"
 
     def __post_init__(self):
         if isinstance(self.sea, dict):  # coming back from a checkpoint
@@ -114,8 +115,9 @@ def build_attention(config):
     """The one place where `config.attn` picks the attention mechanism."""
     if config.attn == "dense":
         return DenseAttention()
-    if config.attn == "sea":
-        return SEAAttention(config.n_head, config.head_dim, config.block_size, config.sea)
+    if config.attn in ("sea", "window"):
+        kind = SEAAttention if config.attn == "sea" else WindowAttention
+        return kind(config.n_head, config.head_dim, config.block_size, config.sea)
     return PerformerAttention(config.head_dim, config.sea.nbf)
 
 
@@ -138,7 +140,7 @@ class OPTAttention(nn.Module):
         v = split_heads(self.v_proj(x))
         context, aux = self.mechanism(q, k, v, need_weights=need_internals)
         y = self.out_proj(context.transpose(1, 2).reshape(B, T, C))
-        internals = dict(aux, q=q, k=k, context=context) if need_internals else None
+        internals = dict(aux, q=q, k=k, v=v, context=context) if need_internals else None
         return y, internals
 
 
@@ -199,14 +201,14 @@ class OPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def forward_internals(self, idx, need_internals=True):
+    def forward_internals(self, idx, need_internals=True, need_logits=True):
         """Logits plus what distillation and pictures need.
 
         Returns (logits, hidden_states, layers): hidden_states are the L + 1 tensors
         Hugging Face calls `hidden_states` (embedding output, every layer's output but
         the last, the final normalized output); layers holds each layer's attention
-        internals (q, k, context and the mechanism's own aux). Both are empty lists when
-        need_internals is False.
+        internals (q, k, v, context and the mechanism's own aux). Both are empty lists when
+        need_internals is False. need_logits=False skips the output layer (logits None).
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -230,7 +232,7 @@ class OPT(nn.Module):
             x = self.project_out(x)
         if need_internals:
             hidden_states.append(x)
-        logits = F.linear(x, self.embed_tokens.weight)  # lm_head is tied to the embedding
+        logits = F.linear(x, self.embed_tokens.weight) if need_logits else None  # lm_head: tied
         return logits, hidden_states, layers
 
     # -------------------------------------------------------------------------

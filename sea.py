@@ -32,9 +32,11 @@ import torch.nn.functional as F
 class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
     predictor_length: int = 256  # M = T_M, the width of a compressed attention row
-    nbf: int = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
+    nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
     query_chunk: int = 256  # query rows per step-3..7 chunk at inference (bounds memory)
     use_kernel: Optional[bool] = None  # Triton sparse attention: None = on CUDA at inference
+    gate_bias: float = 3.0  # initial bias of the gates (g0, g1): sigmoid(3) = 0.95
+    key_jitter: float = 0.0  # training: move keys by up to this much before binning, in 10% of calls
 
     def __post_init__(self):
         if self.k < 1:
@@ -46,6 +48,8 @@ class SEAConfig:
             raise ValueError(f"SEAConfig.nbf={self.nbf} must be positive")
         if self.query_chunk < 1:
             raise ValueError(f"SEAConfig.query_chunk={self.query_chunk} must be >= 1")
+        if self.key_jitter < 0:
+            raise ValueError(f"SEAConfig.key_jitter={self.key_jitter} must be >= 0")
 
 
 def full_precision(x):
@@ -240,12 +244,12 @@ def sparse_attention(q, k, v, keep, row0):
     return scores.new_zeros(n_segments, D).index_add(0, segment, cell_out).view(B, H, R, D)
 
 
-def masked_attention(q, k, v, keep, row0):
-    """Step 7 as a dense softmax under the kept-key mask: sparse_attention's numbers, but with
-    (B, H, R, T) scores. Training uses it: the distillation loss builds T x T maps anyway, and
-    one large matmul trains much faster on a GPU than many small gathered blocks."""
-    R, T = keep.size(2), k.size(2)
-    mask = kept_key_mask(keep, row0, T)  # (B, H, R, T)
+def masked_attention(q, k, v, mask, row0):
+    """Step 7 as a dense softmax under a kept-key mask (B, H, R, T): sparse_attention's numbers,
+    but with (B, H, R, T) scores. Training uses it (the distillation loss builds T x T maps
+    anyway, and one large matmul trains faster than many small gathered blocks), and so does
+    the window control."""
+    R = mask.size(2)
     q, k, v = full_precision(q[:, :, row0:row0 + R]), full_precision(k), full_precision(v)
     scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, torch.finfo(q.dtype).min)
     # a finite fill keeps gradients finite; rows that kept no key come out as zeros
@@ -254,9 +258,13 @@ def masked_attention(q, k, v, keep, row0):
 
 
 # -----------------------------------------------------------------------------
-# the module model.py plugs in
+# the modules model.py plugs in: SEA, and the sliding-window control
 
-class SEAAttention(nn.Module):
+class GatedSparseAttention(nn.Module):
+    """What SEA and its window control share: the linear estimate and the encoder (steps 1-2),
+    which feed the gates, the gate g0 of step 7 and the running-mean mix of step 8. A subclass
+    decides which keys each query keeps (`attend_rows`)."""
+
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__()
         self.n_head, self.cfg = n_head, cfg
@@ -264,9 +272,8 @@ class SEAAttention(nn.Module):
         self.features = ReLUFeatures(D, cfg.nbf)
         self.positions = nn.Parameter(torch.randn(max_positions, D))  # P, step 1
         self.encoder = nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
-        self.decoder = CompressedScoreDecoder(n_head, 2 * D, cfg.predictor_length)
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
-        nn.init.constant_(self.gates.bias, 3.0)  # start close to plain sparse attention
+        nn.init.constant_(self.gates.bias, cfg.gate_bias)
 
     def encode(self, q, k, v):
         """Steps 1-2: e (B, H, T, 2D) from the linear estimate over [positions, values]."""
@@ -276,81 +283,145 @@ class SEAAttention(nn.Module):
         c = causal_linear_attention(self.features(q), self.features(k), values)
         return self.encoder(torch.cat([c, v], dim=-1))  # f (B, H, T, 3D) -> e
 
-    def row_chunks(self, T, need_weights):
-        step = T if need_weights or self.training else self.cfg.query_chunk
-        return [(start, min(start + step, T)) for start in range(0, T, step)]
-
-    def sparse_step(self, q):
-        """Steps 6-7. Training: masked_attention. Inference: the gathered sparse_attention, or
-        the Triton kernel (kernel.py), by default on CUDA."""
-        needs_grad = torch.is_grad_enabled() and q.requires_grad
-        use_kernel = self.cfg.use_kernel
-        if use_kernel and needs_grad:
-            raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
-                             "use_kernel=None or False, or run under torch.no_grad()")
-        if needs_grad:
-            return masked_attention
-        if not (q.is_cuda if use_kernel is None else use_kernel):
-            return sparse_attention
-        from kernel import sparse_attention_triton
-        return sparse_attention_triton
-
     def forward(self, q, k, v, need_weights=False):
         """q (already scaled), k, v (B, H, T, D) -> out (B, H, T, D), aux.
 
-        aux: kept_per_row (B, T) kept keys per query summed over heads; with need_weights
-        also scores (s_hat, B, H, T, M) and kept_bins (B, H, T, M) for losses and pictures.
+        aux: kept_per_head (B, H, T), the keys each head kept in each row; with need_weights
+        also kept_mask (B, H, T, T), and what the subclass adds for losses and pictures.
         """
         # full precision whatever autocast is on outside: the kept keys must not depend on it
         with torch.autocast(q.device.type, enabled=False):
             return self.attend(q, k, v, need_weights)
 
+    def row_chunks(self, T, whole):
+        step = T if whole else self.cfg.query_chunk
+        return [(start, min(start + step, T)) for start in range(0, T, step)]
+
     def attend(self, q, k, v, need_weights):
-        B, H, T, D = q.shape
+        T = q.size(2)
         e = self.encode(q, k, v)
-        halo = CompressedScoreDecoder.HALO
-        sparse_step = self.sparse_step(q)
-        chunks, scores, kept = [], [], []
-        for row0, row1 in self.row_chunks(T, need_weights):
-            s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]  # step 3
-            rows = torch.arange(row0, row1, device=q.device)
-            keep = grouped_topk(s_hat.softmax(-1), rows, self.cfg.k)  # steps 4-5
-            chunks.append(sparse_step(q, k, v, keep, row0))  # steps 6-7
-            kept.append(keep)
-            if need_weights:
-                scores.append(s_hat)
-        kept_bins = torch.cat(kept, dim=2)
+        # all rows at once when the T x T mask is wanted anyway (training, pictures); else in chunks
+        materialize = need_weights or (torch.is_grad_enabled() and q.requires_grad)
+        contexts, auxes = [], []
+        for row0, row1 in self.row_chunks(T, whole=materialize):
+            context, aux = self.attend_rows(q, k, v, e, row0, row1, materialize)  # steps 3-7
+            contexts.append(context)
+            auxes.append(aux)
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, T) each
-        sparse = torch.cat(chunks, dim=2) * g0.unsqueeze(-1)
+        sparse = torch.cat(contexts, dim=2) * g0.unsqueeze(-1)
         counts = torch.arange(1, T + 1, device=v.device)[:, None]
         running_mean = full_precision(v).cumsum(dim=2) / counts  # mean of v_j, j <= i
         out = g1.unsqueeze(-1) * sparse + (1 - g1.unsqueeze(-1)) * running_mean  # step 8
-        aux = {"kept_per_row": kept_keys_per_row(kept_bins)}
-        if need_weights:
-            aux.update(scores=torch.cat(scores, dim=2), kept_bins=kept_bins)
+        aux = {name: torch.cat([a[name] for a in auxes], dim=2) for name in auxes[0]}  # (B, H, T, ...)
+        if not need_weights:
+            aux = {"kept_per_head": aux["kept_per_head"]}
         return out.to(v.dtype), aux
 
+    def attend_rows(self, q, k, v, e, row0, row1, materialize):
+        """Rows row0..row1 - 1: (context (B, H, R, D) before the gate, aux of (B, H, R, ...) tensors)."""
+        raise NotImplementedError
 
-def kept_keys_per_row(kept_bins):
-    """(B, H, T, M) kept bins -> (B, T) number of kept keys per query, all heads together."""
-    T, M = kept_bins.size(2), kept_bins.size(3)
-    widths = bin_widths(torch.arange(T, device=kept_bins.device), M).to(torch.int32)  # (T, M)
-    return (kept_bins.int() * widths).sum(dim=(1, 3))
+
+class SEAAttention(GatedSparseAttention):
+    """SEA: the estimate (steps 1-4) picks the kept bins (5-6) of a sparse softmax (7)."""
+
+    def __init__(self, n_head, head_dim, max_positions, cfg):
+        super().__init__(n_head, head_dim, max_positions, cfg)
+        self.decoder = CompressedScoreDecoder(n_head, 2 * head_dim, cfg.predictor_length)
+
+    def estimate(self, q, k, v):
+        """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
+        with torch.autocast(q.device.type, enabled=False):
+            return self.decoder(self.encode(q, k, v))
+
+    def attend_rows(self, q, k, v, e, row0, row1, materialize):
+        if self.cfg.use_kernel and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
+                             "use_kernel=None or False, or run under torch.no_grad()")
+        T, M = k.size(2), self.cfg.predictor_length
+        halo = CompressedScoreDecoder.HALO
+        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]  # step 3
+        rows = torch.arange(row0, row1, device=q.device)
+        keep = grouped_topk(s_hat.softmax(-1), rows, self.cfg.k)  # steps 4-5
+        aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep, scores=s_hat)
+        if not materialize:  # steps 6-7 on the kept key ranges only
+            return self.sparse_step(q)(q, k, v, keep, row0), aux
+        bins = key_bins(rows, T, M, jitter=self.cfg.key_jitter if self.jitter_now() else 0.0)  # (R, T)
+        mask = kept_key_mask(keep, row0, T, bins)
+        aux.update(kept_mask=mask, key_bins=bins.expand(1, 1, -1, -1))
+        return masked_attention(q, k, v, mask, row0), aux
+
+    def jitter_now(self):
+        """The official recipe moves keys across bin borders in 10% of training calls."""
+        return self.training and self.cfg.key_jitter > 0 and torch.rand(()).item() < 0.1
+
+    def sparse_step(self, q):
+        """Steps 6-7 at inference: the gathered sparse_attention, or the Triton kernel (kernel.py),
+        by default on CUDA."""
+        use_kernel = self.cfg.use_kernel
+        if not (q.is_cuda if use_kernel is None else use_kernel):
+            return sparse_attention
+        from kernel import sparse_attention_triton
+        return sparse_attention_triton
+
+
+class WindowAttention(GatedSparseAttention):
+    """The control (SEA.md section 7): SEA's gates, mix and per-row budget, but each head keeps its
+    most recent keys, as many as SEA's budget gives a head of that row on average. If SEA does no
+    better than this, its estimate adds nothing. It runs as a masked dense softmax: a control for
+    analysis, not a fast method."""
+
+    def attend_rows(self, q, k, v, e, row0, row1, materialize):
+        B, H, T = k.shape[:3]
+        rows = torch.arange(row0, row1, device=q.device)
+        width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)
+        mask = (recent_key_mask(rows, T, width)).expand(B, H, -1, -1)  # (B, H, R, T)
+        aux = dict(kept_per_head=width.expand(B, H, -1))
+        if materialize:
+            aux.update(kept_mask=mask)
+        return masked_attention(q, k, v, mask, row0), aux
+
+
+def window_widths(rows, n_head, k, bins):
+    """Keys per head of each row for the window control: SEA's budget n_i spread evenly over the
+    heads. A row holds E_i = min(i + 1, M) non-empty bins of (i + 1) / E_i keys each; it keeps
+    min(n_i, H E_i) cells, so a head keeps min(n_i, H E_i) (i + 1) / (H E_i) keys on average."""
+    filled = torch.clamp(rows + 1, max=bins)
+    cells = torch.minimum(row_budget(rows, n_head, k, bins), n_head * filled)
+    return torch.round(cells * (rows + 1) / (n_head * filled)).long().clamp(1)
+
+
+def kept_keys_per_head(kept_bins, rows):
+    """(B, H, R, M) kept bins of rows `rows` -> (B, H, R): keys each head keeps in each row."""
+    widths = bin_widths(rows, kept_bins.size(-1))  # (R, M)
+    return (kept_bins.long() * widths).sum(-1)
 
 
 # -----------------------------------------------------------------------------
-# T x T views: for the distillation loss, masked_attention, tests and pictures
+# T x T views: for the masks of training, the estimate loss, tests and pictures
 
-def key_bins(rows, T, bins):
-    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
+def key_bins(rows, T, bins, jitter=0.0):
+    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped).
+
+    With jitter > 0, each key's position first moves by a uniform offset in [-jitter, jitter]
+    (the official training recipe's noise on bin borders)."""
     i = rows[:, None]
     j = torch.arange(T, device=rows.device)[None, :]
-    return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
+    if jitter == 0:
+        return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
+    moved = j + (torch.rand(len(rows), T, device=rows.device) * 2 - 1) * jitter
+    return torch.floor((moved + 0.5) * bins / (i + 1)).long().clamp(0, bins - 1)
 
 
 def causal_mask(rows, T):
     """(R, T) bool: key j is visible from row i when j <= i."""
     return torch.arange(T, device=rows.device)[None, :] <= rows[:, None]
+
+
+def recent_key_mask(rows, T, width):
+    """(R, T) bool: the `width` (R,) most recent keys j <= i of each row i."""
+    j = torch.arange(T, device=rows.device)[None, :]
+    return causal_mask(rows, T) & (j > (rows - width)[:, None])
 
 
 def estimated_attention_map(scores):
@@ -361,13 +432,41 @@ def estimated_attention_map(scores):
     return spread.masked_fill(~causal_mask(rows, T), float("-inf")).softmax(-1)
 
 
-def kept_key_mask(kept_bins, row0=0, T=None):
-    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i."""
+def kept_key_mask(kept_bins, row0=0, T=None, bins=None):
+    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i.
+    `bins` (R, T) maps keys to bins (default: key_bins, no jitter)."""
     B, H, R, M = kept_bins.shape
     T = T or row0 + R
     rows = torch.arange(row0, row0 + R, device=kept_bins.device)
-    mask = kept_bins.gather(-1, key_bins(rows, T, M).expand(B, H, R, T))
+    bins = key_bins(rows, T, M) if bins is None else bins
+    mask = kept_bins.gather(-1, bins.expand(B, H, R, T))
     return mask & causal_mask(rows, T)
+
+
+def estimate_loss(scores, target, bins):
+    """SEA's estimate loss, 0.1 KL(target || estimate) + MSE(estimate, target), computed per bin.
+
+    The estimated map (estimated_attention_map) gives every key of bin c of row i the probability
+    exp(s_c) / Z_i, Z_i = sum_c w_c exp(s_c), w_c the keys in bin c: so log(estimate) is a
+    log_softmax, and both terms need only each bin's key count w and teacher mass a:
+        KL  = sum_j t_j log t_j - sum_c a_c log p_c           (per row, averaged over rows)
+        MSE = sum_c w_c p_c^2 - 2 sum_c a_c p_c + sum_j t_j^2  (summed, over all T x T entries)
+    scores (B, H, T, M) s_hat; target (B, H, T, T) causal probabilities; bins (.., T, T) key bins.
+    Equal to the same terms on the (B, H, T, T) estimated map, without building it.
+    """
+    B, H, T, M = scores.shape
+    rows = torch.arange(T, device=scores.device)
+    bins = bins.expand(B, H, T, T)
+    visible = causal_mask(rows, T).to(target.dtype)
+    w = torch.zeros(T, M, dtype=target.dtype, device=scores.device).scatter_add_(-1, bins[0, 0], visible)
+    a = torch.zeros_like(scores, dtype=target.dtype).scatter_add_(-1, bins, target)  # future keys: 0 mass
+    scores = full_precision(scores)
+    log_p = scores - torch.logsumexp(scores + w.clamp_min(1e-30).log(), dim=-1, keepdim=True)
+    p = log_p.exp()
+    entropy_part = torch.xlogy(target, target).sum(-1)  # (B, H, T)
+    kl = (entropy_part - (a * log_p).sum(-1)).mean()
+    squared = (w * p * p).sum(-1) - 2 * (a * p).sum(-1) + (target * target).sum(-1)
+    return 0.1 * kl + squared.sum() / (B * H * T * T)
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +521,7 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, predictor_length=16), 
             ranges[int(h[cell])].append(f"[{first}]" if first == last else f"[{first}-{last}]")
         kept = "; ".join(f"head {head}: {' '.join(keys) or '-'}" for head, keys in ranges.items())
         print(f"row {i:>3} ({i + 1:>2} keys): n_i = {int(budget[i]):>2} cells, "
-              f"{int(aux['kept_per_row'][0, i]):>2} keys kept over {H} heads   {kept}")
+              f"{int(aux['kept_per_head'][0, :, i].sum()):>2} keys kept over {H} heads   {kept}")
 
 
 if __name__ == "__main__":

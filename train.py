@@ -30,7 +30,7 @@ from data import DATA_ENV, check_long_enough, get_batch, load_tokens
 from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negative_float, non_negative_int,
                   positive_float, positive_int)
 from model import OPT, OPTConfig, PRESETS, causal_attention_probs, is_hub_name, load_model, read_checkpoint
-from sea import SEAConfig, estimated_attention_map
+from sea import SEAConfig, estimate_loss, key_bins
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -58,8 +58,12 @@ def build_student(args):
         if args.init_from:
             return load_model(args.init_from)
         return OPT(OPTConfig.preset(args.preset, dropout=args.dropout))
-    sea = SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf)
-    return load_model(args.teacher, attn=args.method, sea=sea)
+    return load_model(args.teacher, attn=args.method, sea=sea_config(args))
+
+
+def sea_config(args):
+    return SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf,
+                     gate_bias=args.gate_bias, key_jitter=args.key_jitter)
 
 
 def load_teacher(args):
@@ -76,12 +80,18 @@ def is_new_attention_parameter(name):
     return ".mechanism." in name  # SEA / Performer modules; everything else is copied from the teacher
 
 
-def make_optimizer(model, args):
-    """AdamW; 2-D weights decay, biases and norms do not. Groups carry an lr_scale: a distilled
-    student trains its new attention parameters at 10x the base rate, copied weights at 0.2x."""
+def is_estimator_parameter(name):
+    """SEA's estimator (steps 1-3): the positional table P, the encoder and the decoder."""
+    return any(f".mechanism.{part}" in name for part in ("positions", "encoder.", "decoder."))
+
+
+def make_optimizer(model, args, only=lambda name: True):
+    """AdamW over the parameters whose names pass `only`; 2-D weights decay, biases and norms do
+    not. Groups carry an lr_scale: a distilled student trains its new attention parameters at 10x
+    the base rate, copied weights at 0.2x."""
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not (p.requires_grad and only(name)):
             continue
         new = args.method != "dense" and is_new_attention_parameter(name)
         scale = 1.0 if args.method == "dense" else (10.0 if new else 0.2)
@@ -94,10 +104,15 @@ def make_optimizer(model, args):
 # -----------------------------------------------------------------------------
 # the training objective: next-token loss, or distillation from a frozen teacher
 
-def attention_map_loss(estimate, target, eps=1e-9):
-    """0.1 * KL(target || estimate) per row + MSE, on causal (B, H, T, T) probability maps."""
-    kl = (target * (target.clamp_min(eps).log() - estimate.clamp_min(eps).log())).sum(-1).mean()
-    return 0.1 * kl + F.mse_loss(estimate, target)
+def dense_map_loss(q, k, target):
+    """The student's own dense attention softmax(q k^T) against the teacher's (B, H, T, T):
+    0.1 KL(target || student) per row + MSE, with the student's log-probabilities a log_softmax."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)).float()
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    log_p = scores.masked_fill(~causal, torch.finfo(scores.dtype).min).log_softmax(-1)
+    kl = (torch.xlogy(target, target) - target * log_p).sum(-1).mean()
+    return 0.1 * kl + F.mse_loss(log_p.exp(), target)
 
 
 class Objective(nn.Module):
@@ -133,8 +148,8 @@ class Objective(nn.Module):
         A = teacher["probs"]
         terms = {}
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
-            terms["estimate"] = attention_map_loss(estimated_attention_map(student["scores"]), A)
-        terms["dense"] = attention_map_loss(causal_attention_probs(student["q"], student["k"]), A)
+            terms["estimate"] = estimate_loss(student["scores"], A, student["key_bins"])
+        terms["dense"] = dense_map_loss(student["q"], student["k"], A)
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
 
@@ -179,6 +194,50 @@ def save_checkpoint(path, model, optimizer, it, best_val, args):
 
 
 # -----------------------------------------------------------------------------
+# SEA's estimator: a warm-up of its own, and its recall in the log
+
+def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, master=True):
+    """Phase 1 (--estimator-iters N): train only SEA's estimator (P, encoder, decoder of every
+    layer) on the estimate loss, from the teacher's own q, k, v and attention maps, layer by layer.
+    No student forward pass and no output layer, so a step costs a fraction of a distillation step.
+    Constant learning rate --estimator-lr, AdamW."""
+    mechanisms = [block.self_attn.mechanism for block in student.layers]
+    optimizer = make_optimizer(student, args, only=is_estimator_parameter)
+    for group in optimizer.param_groups:
+        group["lr"] = args.estimator_lr
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    T, M = args.block_size, args.predictor_length
+    bins = key_bins(torch.arange(T, device=device), T, M)
+    student.train()
+    started = time.time()
+    for it in range(1, args.estimator_iters + 1):
+        x, _ = get_batch(train_tokens, args.batch_size, T, generator, device)
+        with torch.no_grad(), autocast_context(device, args.dtype):
+            _, _, layers = teacher.forward_internals(x, need_logits=False)
+        losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"], bins)
+                  for mechanism, layer in zip(mechanisms, layers)]
+        loss = mean(losses)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if master and (it % args.log_interval == 0 or it == args.estimator_iters):
+            elapsed = time.time() - started
+            print(f"estimator {it}/{args.estimator_iters} | estimate loss {loss.item():.4f} | "
+                  f"{it * args.batch_size * T / elapsed:,.0f} tok/s | {elapsed:.0f}s", flush=True)
+        if master and (it % args.eval_interval == 0 or it == args.estimator_iters):
+            report_recall(student, teacher, val_tokens, args, f"estimator {it}")
+
+
+def report_recall(student, teacher, val_tokens, args, when):
+    """For students that keep a subset of keys: mask recall on the first validation windows."""
+    if student.config.attn not in evaluate.MASKED_KINDS:
+        return
+    stats = evaluate.mask_statistics(student, teacher, val_tokens, args.block_size)
+    print(f"{when}: {evaluate.format_mask_statistics(stats)}  (first 4 validation windows)", flush=True)
+    student.train()
+
+
+# -----------------------------------------------------------------------------
 # the training loop
 
 def train(args):
@@ -216,6 +275,8 @@ def train(args):
     val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
     for split, tokens in (("train", train_tokens), ("valid", val_tokens)):
         check_long_enough(tokens, args.block_size + 2, f"{split} split")
+    if args.estimator_iters and checkpoint is None:  # phase 1, before DDP copies rank 0's weights
+        warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master)
     ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -263,6 +324,7 @@ def train(args):
             save_checkpoint(ckpt_path, model, optimizer, done, best_val, args)
             print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {ckpt_path}",
                   flush=True)
+            report_recall(model, objective.teacher, val_tokens, args, f"iter {done}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return ckpt_path
@@ -273,14 +335,23 @@ def train(args):
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["dense", "sea", "performer"], default="dense",
-                   help="dense: train a teacher; sea / performer: distill a student from --teacher")
-    p.add_argument("--teacher", help="teacher for sea/performer: a train.py checkpoint, a Hugging Face "
+    p.add_argument("--method", choices=["dense", "sea", "window", "performer"], default="dense",
+                   help="dense: train a teacher; sea / window / performer: distill a student from "
+                        "--teacher (window: SEA's sliding-window control)")
+    p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a Hugging Face "
                                      "OPT directory or a hub name")
     p.add_argument("--k", type=positive_int, default=SEAConfig.k, help="SEA: kept keys per query per head")
     p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
                    help="SEA: T_M, bins of the compressed attention rows")
     p.add_argument("--nbf", type=positive_float, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
+    p.add_argument("--gate-bias", type=float, default=SEAConfig.gate_bias,
+                   help="SEA/window: initial bias of the gates g0, g1")
+    p.add_argument("--key-jitter", type=non_negative_float, default=SEAConfig.key_jitter,
+                   help="SEA: in 10%% of training calls, move keys by up to this much before binning")
+    p.add_argument("--estimator-iters", type=non_negative_int, default=0,
+                   help="SEA: first train the estimator alone for this many steps (0 = off)")
+    p.add_argument("--estimator-lr", type=positive_float,
+                   help="SEA: learning rate of the estimator warm-up (default 10 x --lr)")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
@@ -322,11 +393,14 @@ def fill_defaults(args, parser):
         parser.error(f"--method {args.method} distills from a teacher: pass --teacher "
                      f"(e.g. out/dense-tiny/ckpt.pt from 'python train.py --method dense')")
     if args.method == "dense" and args.teacher:
-        parser.error("--teacher is for --method sea/performer; a dense model starts from --init-from")
+        parser.error("--teacher is for the students (--method sea/window/performer); a dense model "
+                     "starts from --init-from")
     try:
-        SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf)
+        sea_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.estimator_iters and args.method != "sea":
+        parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
     args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
     args.max_iters = args.max_iters or (600 if args.method == "dense" else 250)
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else args.max_iters // 12
@@ -334,6 +408,7 @@ def fill_defaults(args, parser):
     default_lr = 1e-4 if args.method != "dense" else 2e-5 if args.init_from else 1e-3
     args.lr = args.lr or default_lr
     args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    args.estimator_lr = args.estimator_lr or 10 * args.lr
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if args.device == "cpu" or cuda_bf16 else "float16"

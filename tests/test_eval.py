@@ -30,3 +30,19 @@ def test_eval_cli_on_checkpoint(wikitext, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "valid perplexity" in out and "tokens" in out
     assert 1 < ppl < 1e6
+
+
+def test_recall_window_and_oracle_on_a_hand_made_map():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0],
+                          [0.6, 0.4, 0.0, 0.0],
+                          [0.2, 0.7, 0.1, 0.0],
+                          [0.1, 0.5, 0.1, 0.3]])[None, None]  # (1, 1, 4, 4)
+    mask = torch.tensor([[1, 0, 0, 0],
+                         [0, 0, 0, 0],  # a row that kept nothing
+                         [1, 0, 1, 0],
+                         [0, 1, 0, 0]], dtype=torch.bool)[None, None]
+    counts = mask.sum(-1)
+    recall, window, oracle = evaluate.same_count_recalls(probs, mask, counts)
+    torch.testing.assert_close(recall, torch.tensor([[[1.0, 0.0, 0.3, 0.5]]]))
+    torch.testing.assert_close(window, torch.tensor([[[1.0, 0.0, 0.8, 0.3]]]))  # row 2: keys 1, 2
+    torch.testing.assert_close(oracle, torch.tensor([[[1.0, 0.0, 0.9, 0.5]]]))  # row 2: keys 1, 0

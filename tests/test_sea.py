@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from model import OPT, OPTConfig
-from sea import (SEAAttention, SEAConfig, causal_linear_attention, decompress, estimated_attention_map,
-                 grouped_topk, masked_attention, row_budget, sparse_attention)
+from sea import (SEAAttention, SEAConfig, WindowAttention, causal_linear_attention, decompress,
+                 estimate_loss, estimated_attention_map, grouped_topk, kept_key_mask, key_bins, masked_attention,
+                 row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
@@ -32,7 +33,11 @@ def random_keep(B, H, T, M, k, seed=0):
     return grouped_topk(torch.rand(B, H, T, M, generator=gen), torch.arange(T), k)
 
 
-@pytest.mark.parametrize("step7", [sparse_attention, masked_attention])
+def masked_attention_of_bins(q, k, v, keep, row0):
+    return masked_attention(q, k, v, kept_key_mask(keep, row0, k.size(2)), row0)
+
+
+@pytest.mark.parametrize("step7", [sparse_attention, masked_attention_of_bins])
 def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
     torch.manual_seed(0)
     B, H, T, D, M, k = 2, 3, 50, 8, 16, 3
@@ -163,3 +168,71 @@ def test_running_sea_py_walks_through_the_eight_steps():
         assert any(line.startswith(step) for line in lines), step
     assert "(1, 2, 48, 16)" in result.stdout  # s_hat (B, H, T, T_M)
     assert sum(line.startswith("row ") and "keys kept" in line for line in lines) == 4
+
+
+def test_window_control_keeps_each_heads_most_recent_keys():
+    torch.manual_seed(0)
+    B, H, T, D, M, k = 2, 3, 90, 8, 16, 2
+    attention = WindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M, query_chunk=32)).double()
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    out, aux = attention(q, kk, v, need_weights=True)
+    for i in range(T):
+        budget = max(1, min(H * M, round(H * k * M / (i + 1))))
+        filled = min(i + 1, M)
+        width = max(1, round(min(budget, H * filled) * (i + 1) / (H * filled)))
+        expected = torch.zeros(T, dtype=torch.bool)
+        expected[i + 1 - width:i + 1] = True
+        assert torch.equal(aux["kept_mask"][:, :, i], expected.expand(B, H, T)), f"row {i}"
+        assert (aux["kept_per_head"][:, :, i] == width).all()
+    assert aux["kept_per_head"][:, :, 64:].double().mean().item() == pytest.approx(k, rel=0.2)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v))).unbind(-1)
+    sparse = masked_dense_attention(q, kk, v, aux["kept_mask"])
+    running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(out, g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean)
+    with torch.no_grad():  # inference runs in chunks of query_chunk rows: the same numbers
+        torch.testing.assert_close(attention.eval()(q, kk, v)[0], out)
+
+
+def direct_estimate_loss(scores, target, bins):
+    """The estimate loss on the (B, H, T, T) estimated map itself, log-probabilities by log_softmax."""
+    B, H, T, M = scores.shape
+    spread = scores.gather(-1, bins.expand(B, H, T, T))
+    log_estimate = spread.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).log_softmax(-1)
+    kl = (torch.xlogy(target, target) - torch.where(target > 0, target * log_estimate, 0.0)).sum(-1).mean()
+    return 0.1 * kl + torch.nn.functional.mse_loss(log_estimate.exp(), target)
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.75])
+def test_estimate_loss_per_bin_equals_the_direct_computation(jitter):
+    torch.manual_seed(0)
+    B, H, T, M = 2, 3, 70, 16
+    scores = torch.randn(B, H, T, M, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(B, H, T, T, dtype=torch.float64) * 3
+    target = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    bins = key_bins(torch.arange(T), T, M, jitter=jitter)
+    ours, direct = estimate_loss(scores, target, bins), direct_estimate_loss(scores, target, bins)
+    torch.testing.assert_close(ours, direct)
+    torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(direct, scores)[0])
+    # the loss is the estimated map's: with no jitter, estimated_attention_map gives the same numbers
+    if jitter == 0:
+        estimate = estimated_attention_map(scores.detach()).double()
+        torch.testing.assert_close(estimate, direct_log_estimate_exp(scores.detach(), bins))
+
+
+def direct_log_estimate_exp(scores, bins):
+    B, H, T, M = scores.shape
+    spread = scores.gather(-1, bins.expand(B, H, T, T))
+    return spread.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+
+
+def test_key_jitter_moves_keys_by_at_most_one_bin_and_only_in_training():
+    rows = torch.arange(200)
+    plain, moved = key_bins(rows, 200, 16), key_bins(rows, 200, 16, jitter=0.75)
+    visible = torch.ones(200, 200, dtype=torch.bool).tril()
+    visible[:32] = False  # from row 31 on a bin holds at least 2 keys: 0.75 keys crosses one border at most
+    assert (plain - moved)[visible].abs().max() == 1 and (plain != moved)[visible].any()
+    assert moved.min() >= 0 and moved.max() <= 15
+    attention = SEAAttention(2, 8, 64, SEAConfig(k=2, predictor_length=16, key_jitter=0.75))
+    assert not attention.eval().jitter_now()
+    torch.manual_seed(0)
+    assert 0.05 < sum(attention.train().jitter_now() for _ in range(1000)) / 1000 < 0.15
