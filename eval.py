@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,46 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
     layer_number = layer % len(teacher_layers)
     fig.suptitle(f"layer {layer_number}, head {head}, first window ({idx.size(1)} tokens) of the split "
                  f"(attention maps on a log10 scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def read_history(path):
+    """The validation records train.py appended to <out-dir>/history.jsonl."""
+    lines = Path(path).read_text().splitlines()
+    entries = [json.loads(line) for line in lines if line.strip()]
+    if not any("recall" in entry for entry in entries):
+        raise ValueError(f"{path} holds no recall figures: pass the history.jsonl of a sea or "
+                         f"window student")
+    return entries
+
+
+def plot_curves(paths, path, labels=None):
+    """Mask recall against tokens trained on (the estimator warm-up, then distillation), one
+    color per run: the kept keys (solid), the same-count window (dashed), the oracle (dotted)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for number, history in enumerate(paths):
+        entries = [e for e in read_history(history) if "recall" in e]
+        warm_up = max([e["tokens"] for e in entries if e["phase"] == "estimator"], default=0)
+        tokens = [e["tokens"] + (warm_up if e["phase"] != "estimator" else 0) for e in entries]
+        label = labels[number] if labels else Path(history).parent.name
+        for ax, suffix in zip(axes, ("_late", "")):
+            line, = ax.plot(tokens, [e["recall" + suffix] for e in entries], "o-", label=label)
+            for name, style in (("window_recall", "--"), ("oracle_recall", ":")):
+                ax.plot(tokens, [e[name + suffix] for e in entries], style, color=line.get_color())
+    for ax, rows in zip(axes, ("second half of each window (where SEA is sparse)", "all rows")):
+        ax.set_xscale("symlog", linthresh=1e5)
+        ax.set_xlabel("tokens trained on (estimator warm-up, then distillation)")
+        ax.set_ylabel("teacher attention mass on the kept keys")
+        ax.set_title(f"recall, {rows}")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(title="solid: kept keys, dashed: same-count window, dotted: oracle", fontsize=8,
+                   title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -391,6 +432,10 @@ def parse_args(argv):
     source.add_argument("--init-from", help="a Hugging Face OPT directory or hub name")
     source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
     source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
+    source.add_argument("--curves", nargs="+", metavar="HISTORY",
+                        help="history.jsonl files written by train.py: draw recall against tokens "
+                             "into --plot")
+    p.add_argument("--labels", help="comma-separated names of the --curves runs (default: their folders)")
     p.add_argument("--bench-lengths", type=length_list, default=[1024, 2048, 4096, 8192, 16384, 32768],
                    help="comma-separated sequence lengths for --bench (default 1024,...,32768)")
     p.add_argument("--bench-heads", type=positive_int, default=12)
@@ -416,6 +461,13 @@ def parse_args(argv):
 def run(p, args):
     if args.bench_child:
         return bench_child(json.loads(args.bench_child))
+    if args.curves:
+        if not args.plot:
+            p.error("--curves draws a picture: pass --plot FILE.png")
+        labels = args.labels.split(",") if args.labels else None
+        if labels and len(labels) != len(args.curves):
+            p.error(f"--labels names {len(labels)} runs but --curves has {len(args.curves)}")
+        return plot_curves(args.curves, args.plot, labels)
     if args.bench:
         dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
         return benchmark(args.bench_lengths, args.device, dtype, heads=args.bench_heads,

@@ -37,6 +37,7 @@ class SEAConfig:
     use_kernel: Optional[bool] = None  # Triton sparse attention: None = on CUDA at inference
     gate_bias: float = 3.0  # initial bias of the gates (g0, g1): sigmoid(3) = 0.95
     key_jitter: float = 0.0  # training: move keys by up to this much before binning, in 10% of calls
+    pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
 
     def __post_init__(self):
         if self.k < 1:
@@ -328,19 +329,30 @@ class SEAAttention(GatedSparseAttention):
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__(n_head, head_dim, max_positions, cfg)
         self.decoder = CompressedScoreDecoder(n_head, 2 * head_dim, cfg.predictor_length)
+        if cfg.pooled_keys:
+            self.pooled_scale = nn.Parameter(torch.ones(n_head, 1, 1))
 
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.decoder(self.encode(q, k, v))
+            return self.compressed_scores(q, k, self.encode(q, k, v), 0, q.size(2))
+
+    def compressed_scores(self, q, k, e, row0, row1):
+        """Step 3 for rows row0..row1 - 1: the decoder's s_hat (B, H, R, M), which needs e from
+        the HALO rows above; with SEAConfig.pooled_keys, plus each bin's mean logit."""
+        halo = CompressedScoreDecoder.HALO
+        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]
+        if self.cfg.pooled_keys:
+            rows = torch.arange(row0, row1, device=q.device)
+            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, k, rows, self.cfg.predictor_length)
+        return s_hat
 
     def attend_rows(self, q, k, v, e, row0, row1, materialize):
         if self.cfg.use_kernel and torch.is_grad_enabled() and q.requires_grad:
             raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
                              "use_kernel=None or False, or run under torch.no_grad()")
         T, M = k.size(2), self.cfg.predictor_length
-        halo = CompressedScoreDecoder.HALO
-        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]  # step 3
+        s_hat = self.compressed_scores(q, k, e, row0, row1)  # step 3
         rows = torch.arange(row0, row1, device=q.device)
         keep = grouped_topk(s_hat.softmax(-1), rows, self.cfg.k)  # steps 4-5
         aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep, scores=s_hat)
@@ -380,6 +392,17 @@ class WindowAttention(GatedSparseAttention):
         if materialize:
             aux.update(kept_mask=mask)
         return masked_attention(q, k, v, mask, row0), aux
+
+
+def pooled_key_scores(q, k, rows, bins):
+    """q_i . (mean of the keys in bin c of row i): (B, H, R, M), 0 for empty bins. An option beyond
+    the paper (SEAConfig.pooled_keys): it tells the estimate which bins hold keys the query matches.
+    From prefix sums of the keys, so O(R M D) work: prefix[e] is the sum of keys 0..e-1."""
+    q, k = full_precision(q[:, :, rows]), full_precision(k)
+    prefix = F.pad(k.cumsum(2), (0, 0, 1, 0))  # (B, H, T + 1, D)
+    edges = bin_edges(rows, bins)  # (R, M + 1)
+    at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])  # q_i . prefix[edge]
+    return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
 
 
 def window_widths(rows, n_head, k, bins):

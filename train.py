@@ -14,6 +14,7 @@ Data: WikiText-2 from --data-dir (or $SEA_DATA_DIR) in either published layout
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ from data import DATA_ENV, check_long_enough, get_batch, load_tokens
 from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negative_float, non_negative_int,
                   positive_float, positive_int)
 from model import OPT, OPTConfig, PRESETS, causal_attention_probs, is_hub_name, load_model, read_checkpoint
-from sea import SEAConfig, estimate_loss, key_bins
+from sea import SEAConfig, estimate_loss, full_precision, key_bins
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -63,7 +64,7 @@ def build_student(args):
 
 def sea_config(args):
     return SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf,
-                     gate_bias=args.gate_bias, key_jitter=args.key_jitter)
+                     gate_bias=args.gate_bias, key_jitter=args.key_jitter, pooled_keys=args.pooled_keys)
 
 
 def load_teacher(args):
@@ -82,7 +83,7 @@ def is_new_attention_parameter(name):
 
 def is_estimator_parameter(name):
     """SEA's estimator (steps 1-3): the positional table P, the encoder and the decoder."""
-    return any(f".mechanism.{part}" in name for part in ("positions", "encoder.", "decoder."))
+    return any(f".mechanism.{part}" in name for part in ("positions", "encoder.", "decoder.", "pooled_scale"))
 
 
 def make_optimizer(model, args, only=lambda name: True):
@@ -115,6 +116,25 @@ def dense_map_loss(q, k, target):
     return 0.1 * kl + F.mse_loss(log_p.exp(), target)
 
 
+class DenseMapLoss(torch.autograd.Function):
+    """dense_map_loss with its gradient taken during the forward pass: only the gradients with
+    respect to q and k (B, H, T, D) are kept for the backward pass, no (B, H, T, T) map, so each
+    layer's T x T tensors (and the teacher's map) are freed as soon as its loss is known."""
+
+    @staticmethod
+    def forward(ctx, q, k, target):
+        with torch.enable_grad():
+            q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+            loss = dense_map_loss(q, k, target)
+            ctx.save_for_backward(*torch.autograd.grad(loss, (q, k)))
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_q, grad_k = ctx.saved_tensors
+        return grad_loss * grad_q, grad_loss * grad_k, None
+
+
 class Objective(nn.Module):
     """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the loss of
     SEA.md section 4: 0.1 LM + 5 hidden MSE + 0.2 logits KL + per-layer attention terms."""
@@ -130,11 +150,11 @@ class Objective(nn.Module):
         with torch.no_grad():
             t_logits, t_hidden, t_layers = self.teacher.forward_internals(x)
         s_logits, s_hidden, s_layers = self.student.forward_internals(x)
-        s_logp, t_logp = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
+        lm, kl = vocabulary_terms(s_logits, t_logits, y)
         terms = {
-            "lm": F.nll_loss(s_logp.flatten(0, 1), y.flatten()),
+            "lm": lm,
             "hidden": mean([F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)]),
-            "kl": F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"),
+            "kl": kl,
         }
         per_layer = [self.layer_terms(s, t) for s, t in zip(s_layers, t_layers)]
         for name in per_layer[0]:
@@ -149,9 +169,21 @@ class Objective(nn.Module):
         terms = {}
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
             terms["estimate"] = estimate_loss(student["scores"], A, student["key_bins"])
-        terms["dense"] = dense_map_loss(student["q"], student["k"], A)
+        terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], A)
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
+
+
+def vocabulary_terms(s_logits, t_logits, y):
+    """Next-token cross-entropy and KL(teacher || student) over the vocabulary, per token.
+    The teacher's side needs no gradient: its probabilities and entropy are computed once."""
+    s_logp = F.log_softmax(full_precision(s_logits.flatten(0, 1)), -1)  # (N, V)
+    with torch.no_grad():
+        t_logp = F.log_softmax(full_precision(t_logits.flatten(0, 1)), -1)
+        t_p = t_logp.exp()
+        negative_entropy = torch.vdot(t_p.flatten(), t_logp.flatten())
+    kl = (negative_entropy - torch.vdot(t_p.flatten(), s_logp.flatten())) / len(s_logp)
+    return F.nll_loss(s_logp, y.flatten()), kl
 
 
 def mean(values):
@@ -196,7 +228,7 @@ def save_checkpoint(path, model, optimizer, it, best_val, args):
 # -----------------------------------------------------------------------------
 # SEA's estimator: a warm-up of its own, and its recall in the log
 
-def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, master=True):
+def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, master=True, history=None):
     """Phase 1 (--estimator-iters N): train only SEA's estimator (P, encoder, decoder of every
     layer) on the estimate loss, from the teacher's own q, k, v and attention maps, layer by layer.
     No student forward pass and no output layer, so a step costs a fraction of a distillation step.
@@ -225,16 +257,26 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
             print(f"estimator {it}/{args.estimator_iters} | estimate loss {loss.item():.4f} | "
                   f"{it * args.batch_size * T / elapsed:,.0f} tok/s | {elapsed:.0f}s", flush=True)
         if master and (it % args.eval_interval == 0 or it == args.estimator_iters):
-            report_recall(student, teacher, val_tokens, args, f"estimator {it}")
+            stats = report_recall(student, teacher, val_tokens, args, f"estimator {it}")
+            record(history, phase="estimator", step=it, tokens=it * args.batch_size * T, **stats)
 
 
 def report_recall(student, teacher, val_tokens, args, when):
-    """For students that keep a subset of keys: mask recall on the first validation windows."""
+    """For students that keep a subset of keys: mask recall on the first validation windows,
+    printed and returned (an empty dict for other students)."""
     if student.config.attn not in evaluate.MASKED_KINDS:
-        return
+        return {}
     stats = evaluate.mask_statistics(student, teacher, val_tokens, args.block_size)
     print(f"{when}: {evaluate.format_mask_statistics(stats)}  (first 4 validation windows)", flush=True)
     student.train()
+    return stats
+
+
+def record(history, **entry):
+    """Append one validation's figures to the run's history (JSON lines; eval.py --curves draws them)."""
+    if history is not None:
+        with open(history, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -275,8 +317,12 @@ def train(args):
     val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
     for split, tokens in (("train", train_tokens), ("valid", val_tokens)):
         check_long_enough(tokens, args.block_size + 2, f"{split} split")
+    history = Path(args.out_dir) / "history.jsonl" if master else None
+    if master and checkpoint is None:  # a fresh run starts a fresh history
+        history.parent.mkdir(parents=True, exist_ok=True)
+        history.write_text("")
     if args.estimator_iters and checkpoint is None:  # phase 1, before DDP copies rank 0's weights
-        warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master)
+        warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master, history)
     ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -324,7 +370,8 @@ def train(args):
             save_checkpoint(ckpt_path, model, optimizer, done, best_val, args)
             print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {ckpt_path}",
                   flush=True)
-            report_recall(model, objective.teacher, val_tokens, args, f"iter {done}")
+            stats = report_recall(model, objective.teacher, val_tokens, args, f"iter {done}")
+            record(history, phase=args.method, step=done, tokens=done * tokens_per_iter, val_loss=val, **stats)
     if world > 1:
         torch.distributed.destroy_process_group()
     return ckpt_path
@@ -348,6 +395,8 @@ def parse_args(argv):
                    help="SEA/window: initial bias of the gates g0, g1")
     p.add_argument("--key-jitter", type=non_negative_float, default=SEAConfig.key_jitter,
                    help="SEA: in 10%% of training calls, move keys by up to this much before binning")
+    p.add_argument("--pooled-keys", action="store_true",
+                   help="SEA, beyond the paper: the estimate adds each bin's mean logit q . mean(k)")
     p.add_argument("--estimator-iters", type=non_negative_int, default=0,
                    help="SEA: first train the estimator alone for this many steps (0 = off)")
     p.add_argument("--estimator-lr", type=positive_float,

@@ -97,3 +97,40 @@ def test_estimator_warm_up_trains_only_the_estimator(wikitext, teacher_path, cap
     assert any(".positions" in n for n in changed) and any(".decoder." in n for n in changed)
     log = capsys.readouterr().out
     assert "estimator 3/3 | estimate loss" in log and "estimator 3: kept/head" in log
+
+
+def test_vocabulary_terms_equal_cross_entropy_and_kl():
+    torch.manual_seed(0)
+    s_logits = (torch.randn(2, 5, 300, dtype=torch.float64) * 3).requires_grad_()
+    t_logits, y = torch.randn(2, 5, 300, dtype=torch.float64) * 3, torch.randint(300, (2, 5))
+    lm, kl = train.vocabulary_terms(s_logits, t_logits, y)
+    s_logp, t_logp = s_logits.flatten(0, 1).log_softmax(-1), t_logits.flatten(0, 1).log_softmax(-1)
+    torch.testing.assert_close(lm, torch.nn.functional.nll_loss(s_logp, y.flatten()))
+    expected_kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    torch.testing.assert_close(kl, expected_kl)
+    torch.testing.assert_close(torch.autograd.grad(kl, s_logits)[0], torch.autograd.grad(expected_kl, s_logits)[0])
+
+
+def test_dense_map_loss_keeps_its_gradient_not_its_maps():
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 3, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    logits = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    target = logits.masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    eager = train.DenseMapLoss.apply(q, k, target)
+    direct = train.dense_map_loss(q, k, target)
+    torch.testing.assert_close(eager, direct)
+    for a, b in zip(torch.autograd.grad(3 * eager, (q, k)), torch.autograd.grad(3 * direct, (q, k))):
+        torch.testing.assert_close(a, b)
+
+
+def test_history_and_recall_curves(wikitext, teacher_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sea"
+    train.main(["--method", "sea", "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--out-dir", str(out),
+                "--batch-size", "2", "--block-size", "64", "--k", "4", "--predictor-length", "16", "--eval-iters", "1",
+                "--max-iters", "2", "--eval-interval", "1", "--estimator-iters", "2", "--dtype", "float32"])
+    entries = evaluate.read_history(out / "history.jsonl")
+    assert [(e["phase"], e["step"]) for e in entries] == [("estimator", 1), ("estimator", 2), ("sea", 1), ("sea", 2)]
+    assert entries[-1]["tokens"] == 2 * 2 * 64 and 0 < entries[-1]["recall_late"] <= entries[-1]["recall"] <= 1
+    evaluate.main(["--curves", str(out / "history.jsonl"), "--plot", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
