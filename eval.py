@@ -72,8 +72,8 @@ def sample_windows(tokens, block_size, count):
 @torch.no_grad()
 def attention_internals(student, teacher, idx):
     """Per layer: the teacher's attention probabilities and the student's internals."""
-    _, _, teacher_layers = teacher.eval().forward_internals(idx)
-    _, _, student_layers = student.eval().forward_internals(idx)
+    _, _, teacher_layers = teacher.eval().forward_internals(idx, need_hidden=False, need_logits=False)
+    _, _, student_layers = student.eval().forward_internals(idx, need_hidden=False, need_logits=False)
     return teacher_layers, student_layers
 
 
@@ -447,6 +447,8 @@ def parse_args(argv):
                                   "(with --bench: latency and memory against T)")
     p.add_argument("--layer", type=int, default=-1, help="layer for --plot (default the last)")
     p.add_argument("--head", type=non_negative_int, default=0, help="head for --plot")
+    p.add_argument("--reformer-seed", type=int, help="a reformer student: the seed of its rotations at "
+                                                     "evaluation (default: the one it was trained with, 0)")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--block-size", type=positive_int, help="window length (default: the model's block_size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -474,6 +476,8 @@ def run(p, args):
                          model_length=args.bench_model_length, plot=args.plot)
 
     model = load_model(args.ckpt or args.init_from).to(args.device)
+    if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
+        model.config.reformer.eval_seed = args.reformer_seed
     block_size = args.block_size or model.config.block_size
     if not 2 <= block_size <= model.config.block_size:
         p.error(f"--block-size {block_size} must be between 2 and the model's {model.config.block_size}")

@@ -1,84 +1,151 @@
 """
-A fused Triton kernel for SEA's sparse attention (step 7 of ../shared/SEA.md).
+Triton kernels for SEA's fast path at inference (../shared/SEA.md steps 5 to 7): one kernel picks
+the kept bins of every row, another runs the sparse attention over them on tensor cores. Between
+them nothing goes back to the host: sizes are known from T alone, so a whole SEA call can be
+captured in a CUDA graph. sea.py holds the readable PyTorch versions they are tested against.
 
-The kept keys of a query row are the union of a few kept bins, and each bin is a
-contiguous key range, so the kernel never sees a T x T tensor or a per-key list:
+1. select_bins: step 5, the grouped top-k of each row, one program per (batch, query row)
 
-    program (b, h, row) of the grid          one query vector q = Q[b, h, row0 + row]
-      for every kept bin c of (b, h, row)    read from a CSR list: Bins[Indptr[p] : Indptr[p + 1]]
-        keys [start(c), end(c))              computed from c, the row and M, as in sea.bin_edges
-          in blocks of BLOCK_N keys          scores q . k, online softmax (running max m and sum l),
-                                             acc = sum of p * v, all in float32
-      Out[b, h, row] = acc / l               (zeros when the head kept no bin in this row)
+    load the row's H x M probabilities p (a 2-D tile)     empty bins of short rows rank last
+    rank key = (bits of p) << log2(H M) | (H M - 1 - cell)  unique; larger p first, then lower cell
+    bisect for the n_i-th largest key t                     n_i = the row's budget
+    keep = key >= t                                         exactly n_i cells, ties to the lower cell
 
-Used by SEAAttention on CUDA at inference (SEAConfig.use_kernel); on a CPU it runs under
-the Triton interpreter (TRITON_INTERPRET=1), which is how the tests check it against
-sea.sparse_attention.
+2. sparse_attention_blocks: step 7, one program per (batch, head, block of BLOCK_M query rows)
+
+    for every bin c kept by any row of the block          (a bitmask OR over the block's rows)
+      keys [start, end) that bin c covers for some row     bins are fractions of a row, so bin c
+        in tiles of BLOCK_N keys                           moves little across neighbouring rows
+          scores = q k^T on tensor cores (tl.dot)
+          mask: key j is in bin c of row i, row i kept c, and j <= i
+          online softmax (running max m, sum l), acc += p v
+    out = acc / l                                          zeros where a row kept no bin
+
+Both run under the Triton interpreter (TRITON_INTERPRET=1) on a CPU, which is how the tests check
+them against sea.grouped_topk and sea.sparse_attention.
 """
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def sea_sparse_attention_kernel(
-    Q, K, V, Out,  # Q, K, V: (B, H, T, D) contiguous; Out: (B, H, R, D) contiguous
-    Indptr, Bins,  # CSR over programs: the kept bins of program p are Bins[Indptr[p]:Indptr[p + 1]]
-    H, T, R, row0, M,  # heads, keys, query rows in this launch, first row's position, bins per row
-    D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    program = tl.program_id(0)  # = (b * H + h) * R + row
-    row = program % R
-    bh = program // R  # = b * H + h: (b, h) slices of Q, K, V start at bh * T * D
-    i = row0 + row  # the query position: keys 0..i are visible
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (bh * T + i) * D + offs_d).to(tl.float32)
-
-    m = tl.full([], float("-inf"), tl.float32)  # running max of the scores
-    l = tl.zeros([], tl.float32)  # running sum of exp(score - m)
-    acc = tl.zeros([D], tl.float32)  # running sum of exp(score - m) * v
-    first, last = tl.load(Indptr + program), tl.load(Indptr + program + 1)
-    for cell in range(first, last):
-        c = tl.load(Bins + cell)
-        start = (2 * c * (i + 1) + M - 1) // (2 * M)  # bin c holds keys [start, end)
-        end = (2 * (c + 1) * (i + 1) + M - 1) // (2 * M)
-        for n in range(start, end, BLOCK_N):
-            offs_n = n + tl.arange(0, BLOCK_N)
-            valid = offs_n < end
-            kv_offsets = (bh * T + offs_n[:, None]) * D + offs_d[None, :]  # (BLOCK_N, D)
-            k = tl.load(K + kv_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(V + kv_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))  # (BLOCK_N,)
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            rescale = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new)
-            l = l * rescale + tl.sum(p, axis=0)
-            acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
-    out = acc / tl.maximum(l, 1e-30)  # l = 0 only when no bin was kept: acc is 0 then too
-    tl.store(Out + program * D + offs_d, out.to(Out.dtype.element_ty))
-
-
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
-def sparse_attention_triton(q, k, v, keep, row0, block_n=32):
-    """Same contract as sea.sparse_attention: rows row0 .. row0 + R - 1 over their kept bins.
+# -----------------------------------------------------------------------------
+# step 5: the grouped top-k of each row
 
-    q, k, v (B, H, T, D) fp32/fp16/bf16; keep (B, H, R, M) bool. Returns (B, H, R, D) float32.
-    """
-    B, H, T, D = q.shape
-    R, M = keep.shape[2], keep.shape[3]
+@triton.jit
+def select_bins_kernel(
+    P, Keep, Budget,  # P: (B, H, R, M) float32 probabilities; Keep: (B, H, R, M) int8; Budget: (R,) int64
+    H, R, row0, M,  # heads, rows in this launch, first row's position, bins per row
+    BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_BITS: tl.constexpr,
+):
+    program = tl.program_id(0)  # = b * R + row
+    b, row = program // R, program % R
+    i = row0 + row  # the query position: keys 0..i
+    h = tl.arange(0, BLOCK_H)[:, None]
+    c = tl.arange(0, BLOCK_C)[None, :]
+    valid = (h < H) & (c < M)
+    offsets = ((b * H + h) * R + row) * M + c  # (BLOCK_H, BLOCK_C)
+    p = tl.load(P + offsets, mask=valid, other=0.0)
+    # a bin holds keys [start, end); short rows have empty bins, which rank below every real one
+    start = (2 * c * (i + 1) + M - 1) // (2 * M)
+    end = (2 * (c + 1) * (i + 1) + M - 1) // (2 * M)
+    value = tl.where(end > start, p.to(tl.int32, bitcast=True).to(tl.int64) + 1, 0)  # p >= 0: bits order like p
+    cell = h * M + c
+    key = tl.where(valid, (value << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - cell), -1)
+    # bisect for the largest t with at least n keys >= t: the n-th largest key
+    n = tl.load(Budget + row)
+    lo = tl.zeros([], tl.int64)  # count(key >= lo) >= n always holds
+    hi = tl.full([], 1, tl.int64) << (32 + INDEX_BITS)  # count(key >= hi) = 0 < n
+    for _ in range(32 + INDEX_BITS):  # halves hi - lo each time: ends with hi = lo + 1
+        mid = (lo + hi) // 2
+        enough = tl.sum((key >= mid).to(tl.int32)) >= n
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    tl.store(Keep + offsets, (key >= lo).to(tl.int8), mask=valid)
+
+
+def select_bins(p_hat, row0, budget):
+    """sea.grouped_topk for the rows row0 .. row0 + R - 1, with their budget (R,) given (it is known
+    from the positions alone): p_hat (B, H, R, M) -> keep (B, H, R, M) bool."""
+    B, H, R, M = p_hat.shape
+    keep = torch.empty(B, H, R, M, dtype=torch.int8, device=p_hat.device)
+    index_bits = max(1, (H * M - 1).bit_length())
+    select_bins_kernel[(B * R,)](p_hat.float().contiguous(), keep, budget.contiguous(), H, R, row0, M,
+                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(M),
+                                 INDEX_BITS=index_bits)
+    return keep.bool()
+
+
+# -----------------------------------------------------------------------------
+# step 7: sparse attention over the kept bins, a block of query rows at a time
+
+@triton.jit
+def sparse_attention_blocks_kernel(
+    Q, K, V, Out,  # Q, Out: (B, H, R, D) the launch's query rows; K, V: (B, H, T, D); all contiguous
+    Keep, Union,  # Keep: (B, H, R, M) int8 kept bins; Union: (B, H, n_blocks, M) int8, kept by any row of a block
+    T, R, row0, M, n_blocks,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # multiply in float32 (the interpreter gets bfloat16 tl.dot wrong)
+):
+    block, bh = tl.program_id(0), tl.program_id(1)  # bh = b * H + h
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this launch
+    row_valid = rows < R
+    i = row0 + rows  # their positions
+    d = tl.arange(0, D)
+    q = tl.load(Q + (bh * R + rows[:, None]) * D + d[None, :], mask=row_valid[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row's scores
+    l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(score - m)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)  # running sum of exp(score - m) * v
+    first_row, last_row = row0 + block * BLOCK_M, row0 + tl.minimum(block * BLOCK_M + BLOCK_M, R) - 1
+    for c in range(0, M):
+        if tl.load(Union + (bh * n_blocks + block) * M + c) != 0:
+            kept = tl.load(Keep + (bh * R + rows) * M + c, mask=row_valid, other=0) != 0  # (BLOCK_M,)
+            start = (2 * c * (first_row + 1) + M - 1) // (2 * M)  # bin edges grow with the row
+            end = (2 * (c + 1) * (last_row + 1) + M - 1) // (2 * M)
+            for n in range(start, end, BLOCK_N):
+                j = n + tl.arange(0, BLOCK_N)
+                k = tl.load(K + (bh * T + j[:, None]) * D + d[None, :], mask=(j < end)[:, None], other=0.0)
+                v = tl.load(V + (bh * T + j[:, None]) * D + d[None, :], mask=(j < end)[:, None], other=0.0)
+                if UPCAST:
+                    k, v = k.to(tl.float32), v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
+                in_bin = (2 * j[None, :] + 1) * M // (2 * (i[:, None] + 1)) == c
+                visible = in_bin & kept[:, None] & (j[None, :] <= i[:, None]) & (j[None, :] < end)
+                scores = tl.where(visible, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+                rescale = tl.exp(m - m_safe)
+                p = tl.exp(scores - m_safe[:, None])
+                l = l * rescale + tl.sum(p, axis=1)
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+                m = m_new
+    out = acc / tl.maximum(l, 1e-30)[:, None]  # l = 0 only when the row kept nothing: acc is 0 too
+    tl.store(Out + (bh * R + rows[:, None]) * D + d[None, :], out, mask=row_valid[:, None])
+
+
+def sparse_attention_blocks(q, k, v, keep, row0, block_m=64, block_n=64):
+    """Same contract as sea.sparse_attention: q (B, H, R, D) rows row0 .. row0 + R - 1, k, v
+    (B, H, T, D) fp32/fp16/bf16, keep (B, H, R, M) bool. Returns (B, H, R, D) float32."""
+    B, H, R, D = q.shape
+    T, M = k.size(2), keep.size(-1)
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the Triton SEA kernel supports head dims {SUPPORTED_HEAD_DIMS}, got {D}; "
+        raise ValueError(f"the Triton SEA kernels support head dims {SUPPORTED_HEAD_DIMS}, got {D}; "
                          f"use SEAConfig(use_kernel=False)")
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    counts = keep.sum(-1).flatten()  # kept bins of each (b, h, row), in program order
-    indptr = torch.zeros(B * H * R + 1, dtype=torch.int32, device=q.device)
-    indptr[1:] = counts.cumsum(0)
-    bins = keep.nonzero()[:, 3].to(torch.int32)  # row-major order matches the program order
+    n_blocks = triton.cdiv(R, block_m)
+    padded = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * block_m - R))
+    union = padded.view(B, H, n_blocks, block_m, M).any(dim=3)  # (B, H, n_blocks, M)
     out = torch.empty(B, H, R, D, dtype=torch.float32, device=q.device)
-    sea_sparse_attention_kernel[(B * H * R,)](q, k, v, out, indptr, bins, H, T, R, row0, M,
-                                              D=D, BLOCK_N=block_n)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    sparse_attention_blocks_kernel[(n_blocks, B * H)](
+        q, k, v, out, keep.to(torch.int8).contiguous(), union.to(torch.int8).contiguous(),
+        T, R, row0, M, n_blocks, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)  # fp32 stays exact
     return out

@@ -6,8 +6,8 @@ prefix), so a real OPT state dict loads with a rename and one embedding permutat
 (OPT numbers the GPT-2 BPE tokens differently; we speak tiktoken `gpt2` ids).
 
 Attention is pluggable: `OPTConfig.attn` picks the module that turns (q, k, v) into a
-context: "dense" (softmax), "sea" (sea.py), "window" (SEA's sliding-window control) or
-"performer" (FAVOR+ linear attention).
+context: "dense" (softmax), "sea" (sea.py), "window" (SEA's sliding-window control),
+"performer" (FAVOR+ linear attention) or "reformer" (LSH attention, reformer.py).
 `build_attention` is the one place that switch happens.
 """
 
@@ -24,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import default_cache_dir, get_tokenizer
+from reformer import LSHAttention, ReformerConfig
 from sea import PerformerAttention, SEAAttention, SEAConfig, WindowAttention
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
-ATTENTION_KINDS = ("dense", "sea", "window", "performer")
+ATTENTION_KINDS = ("dense", "sea", "window", "performer", "reformer")
 
 
 @dataclass
@@ -42,12 +43,15 @@ class OPTConfig:
     pre_ln: bool = True  # HF: do_layer_norm_before (False for opt-350m)
     vocab_size: int = GPT2_VOCAB_SIZE
     dropout: float = 0.0
-    attn: str = "dense"  # "dense" | "sea" | "window" | "performer"
+    attn: str = "dense"  # one of ATTENTION_KINDS
     sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea", "window" and "performer"
+    reformer: ReformerConfig = field(default_factory=ReformerConfig)  # knobs for "reformer"
 
     def __post_init__(self):
         if isinstance(self.sea, dict):  # coming back from a checkpoint
             self.sea = SEAConfig(**self.sea)
+        if isinstance(self.reformer, dict):
+            self.reformer = ReformerConfig(**self.reformer)
         if self.proj_dim is None:
             self.proj_dim = self.n_embd
         if self.attn not in ATTENTION_KINDS:
@@ -118,6 +122,8 @@ def build_attention(config):
     if config.attn in ("sea", "window"):
         kind = SEAAttention if config.attn == "sea" else WindowAttention
         return kind(config.n_head, config.head_dim, config.block_size, config.sea)
+    if config.attn == "reformer":
+        return LSHAttention(config.head_dim, config.block_size, config.reformer)
     return PerformerAttention(config.head_dim, config.sea.nbf)
 
 
@@ -195,20 +201,21 @@ class OPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) tiktoken gpt2 ids -> logits (B, T, vocab), mean cross-entropy or None."""
-        logits, _, _ = self.forward_internals(idx, need_internals=False)
+        logits, _, _ = self.forward_internals(idx, need_hidden=False, need_layers=False)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def forward_internals(self, idx, need_internals=True, need_logits=True):
+    def forward_internals(self, idx, need_hidden=True, need_layers=True, need_logits=True):
         """Logits plus what distillation and pictures need.
 
         Returns (logits, hidden_states, layers): hidden_states are the L + 1 tensors
         Hugging Face calls `hidden_states` (embedding output, every layer's output but
-        the last, the final normalized output); layers holds each layer's attention
-        internals (q, k, v, context and the mechanism's own aux). Both are empty lists when
-        need_internals is False. need_logits=False skips the output layer (logits None).
+        the last, the final normalized output), an empty list unless need_hidden; layers
+        holds each layer's attention internals (q, k, v, context and the mechanism's own
+        aux, with need_weights), an empty list unless need_layers. need_logits=False skips
+        the output layer (logits None).
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -221,16 +228,16 @@ class OPT(nn.Module):
         x = self.dropout(x + self.embed_positions(positions))
         hidden_states, layers = [], []
         for block in self.layers:
-            if need_internals:
+            if need_hidden:
                 hidden_states.append(x)
-            x, internals = block(x, need_internals)
-            if need_internals:
+            x, internals = block(x, need_layers)
+            if need_layers:
                 layers.append(internals)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
             x = self.project_out(x)
-        if need_internals:
+        if need_hidden:
             hidden_states.append(x)
         logits = F.linear(x, self.embed_tokens.weight) if need_logits else None  # lm_head: tied
         return logits, hidden_states, layers

@@ -124,7 +124,8 @@ class CompressedScoreDecoder(nn.Module):
     r = Linear(e) gives two channels of M/4 per head; a CNN over the image (query rows
     x bins) with causal 3x3 convolutions (dilation 2, padded above only, so a row sees
     itself and earlier rows), a x4 nearest upsample along the bins and a 1x1 convolution
-    to one channel per head; LayerNorms on the way in and out.
+    to one channel per head (run before the upsample, which gives the same numbers on a
+    quarter of the bins); LayerNorms on the way in and out.
     """
 
     HALO = 8  # rows above a chunk the two dilated convolutions reach: 2 convs x dilation 2 x 2 taps
@@ -149,8 +150,9 @@ class CompressedScoreDecoder(nn.Module):
         x = r.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, self.bins // 4)  # channels (h, 2)
         x = F.relu(self.causal_conv(self.conv1, self.norm_in(x)))
         x = F.relu(self.causal_conv(self.conv2, x))
-        x = x.repeat_interleave(4, dim=-1)  # nearest upsample along bins: (B, 2H, T, M)
-        return self.norm_out(self.to_heads(x))  # (B, H, T, M)
+        # the 1x1 convolution and the x4 nearest upsample commute: convolve the quarter-width image
+        x = self.to_heads(x).repeat_interleave(4, dim=-1)  # (B, H, T, M)
+        return self.norm_out(x)
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +217,9 @@ def decompress(keep, rows):
 def sparse_attention(q, k, v, keep, row0):
     """Softmax attention of query rows row0 .. row0 + R - 1 over their kept keys only.
 
-    q, k, v (B, H, T, D); keep (B, H, R, M). Returns (B, H, R, D), at least float32; a
-    head that kept no bin in a row gets zeros there (the running-mean gate carries it).
+    q (B, H, R, D) those rows' queries; k, v (B, H, T, D); keep (B, H, R, M). Returns
+    (B, H, R, D), at least float32; a head that kept no bin in a row gets zeros there (the
+    running-mean gate carries it).
     Each kept cell's key range is gathered as one block of W keys (W = the widest bin,
     the extra slots masked), so scores and outputs are small batched matmuls.
     """
@@ -230,7 +233,7 @@ def sparse_attention(q, k, v, keep, row0):
     gather = lambda x, index: full_precision(x.reshape(-1, D).index_select(0, index.flatten()))
     keys = gather(k, key_rows).view(*key_rows.shape, D)  # (cells, W, D)
     values = gather(v, key_rows).view(*key_rows.shape, D)
-    queries = gather(q, head * T + row0 + r)  # (cells, D)
+    queries = gather(q, head * R + r)  # (cells, D)
     scores = (keys @ queries[:, :, None]).squeeze(-1).masked_fill(~in_bin, float("-inf"))  # (cells, W)
 
     # one softmax per (batch, head, row) across all of its cells
@@ -245,13 +248,12 @@ def sparse_attention(q, k, v, keep, row0):
     return scores.new_zeros(n_segments, D).index_add(0, segment, cell_out).view(B, H, R, D)
 
 
-def masked_attention(q, k, v, mask, row0):
-    """Step 7 as a dense softmax under a kept-key mask (B, H, R, T): sparse_attention's numbers,
-    but with (B, H, R, T) scores. Training uses it (the distillation loss builds T x T maps
-    anyway, and one large matmul trains faster than many small gathered blocks), and so does
-    the window control."""
-    R = mask.size(2)
-    q, k, v = full_precision(q[:, :, row0:row0 + R]), full_precision(k), full_precision(v)
+def masked_attention(q, k, v, mask):
+    """Step 7 as a dense softmax under a kept-key mask (B, H, R, T), for the query rows q
+    (B, H, R, D): sparse_attention's numbers, but with (B, H, R, T) scores. Training uses it
+    (the distillation loss builds T x T maps anyway, and one large matmul trains faster than
+    many small gathered blocks), and so does the window control."""
+    q, k, v = full_precision(q), full_precision(k), full_precision(v)
     scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, torch.finfo(q.dtype).min)
     # a finite fill keeps gradients finite; rows that kept no key come out as zeros
     probs = scores.softmax(-1) * mask.any(-1, keepdim=True)
@@ -294,9 +296,14 @@ class GatedSparseAttention(nn.Module):
         with torch.autocast(q.device.type, enabled=False):
             return self.attend(q, k, v, need_weights)
 
-    def row_chunks(self, T, whole):
-        step = T if whole else self.cfg.query_chunk
+    def row_chunks(self, q, whole):
+        T = q.size(2)
+        step = T if whole else self.chunk_rows(q)
         return [(start, min(start + step, T)) for start in range(0, T, step)]
+
+    def chunk_rows(self, q):
+        """Query rows per step at inference: SEAConfig.query_chunk bounds the memory."""
+        return self.cfg.query_chunk
 
     def attend(self, q, k, v, need_weights):
         T = q.size(2)
@@ -304,8 +311,8 @@ class GatedSparseAttention(nn.Module):
         # all rows at once when the T x T mask is wanted anyway (training, pictures); else in chunks
         materialize = need_weights or (torch.is_grad_enabled() and q.requires_grad)
         contexts, auxes = [], []
-        for row0, row1 in self.row_chunks(T, whole=materialize):
-            context, aux = self.attend_rows(q, k, v, e, row0, row1, materialize)  # steps 3-7
+        for row0, row1 in self.row_chunks(q, whole=materialize):
+            context, aux = self.attend_rows(q[:, :, row0:row1], k, v, e, row0, materialize)  # steps 3-7
             contexts.append(context)
             auxes.append(aux)
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, T) each
@@ -318,13 +325,16 @@ class GatedSparseAttention(nn.Module):
             aux = {"kept_per_head": aux["kept_per_head"]}
         return out.to(v.dtype), aux
 
-    def attend_rows(self, q, k, v, e, row0, row1, materialize):
-        """Rows row0..row1 - 1: (context (B, H, R, D) before the gate, aux of (B, H, R, ...) tensors)."""
+    def attend_rows(self, q, k, v, e, row0, materialize):
+        """The query rows q (B, H, R, D) at positions row0 .. row0 + R - 1: (context (B, H, R, D)
+        before the gate, aux of (B, H, R, ...) tensors). k, v, e hold all T rows."""
         raise NotImplementedError
 
 
 class SEAAttention(GatedSparseAttention):
     """SEA: the estimate (steps 1-4) picks the kept bins (5-6) of a sparse softmax (7)."""
+
+    KERNEL_CHUNK = 16384  # query rows per step of the Triton path: bounds the (B, H, R, M) estimate
 
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__(n_head, head_dim, max_positions, cfg)
@@ -335,46 +345,54 @@ class SEAAttention(GatedSparseAttention):
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.compressed_scores(q, k, self.encode(q, k, v), 0, q.size(2))
+            return self.compressed_scores(q, k, self.encode(q, k, v), 0)
 
-    def compressed_scores(self, q, k, e, row0, row1):
-        """Step 3 for rows row0..row1 - 1: the decoder's s_hat (B, H, R, M), which needs e from
-        the HALO rows above; with SEAConfig.pooled_keys, plus each bin's mean logit."""
-        halo = CompressedScoreDecoder.HALO
-        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row1])[:, :, -(row1 - row0):]
+    def compressed_scores(self, q, k, e, row0):
+        """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, M),
+        which needs e from the HALO rows above; with SEAConfig.pooled_keys, plus each bin's mean logit."""
+        R, halo = q.size(2), CompressedScoreDecoder.HALO
+        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row0 + R])[:, :, -R:]
         if self.cfg.pooled_keys:
-            rows = torch.arange(row0, row1, device=q.device)
+            rows = torch.arange(row0, row0 + R, device=q.device)
             s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, k, rows, self.cfg.predictor_length)
         return s_hat
 
-    def attend_rows(self, q, k, v, e, row0, row1, materialize):
-        if self.cfg.use_kernel and torch.is_grad_enabled() and q.requires_grad:
-            raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
-                             "use_kernel=None or False, or run under torch.no_grad()")
-        T, M = k.size(2), self.cfg.predictor_length
-        s_hat = self.compressed_scores(q, k, e, row0, row1)  # step 3
-        rows = torch.arange(row0, row1, device=q.device)
-        keep = grouped_topk(s_hat.softmax(-1), rows, self.cfg.k)  # steps 4-5
+    def uses_kernel(self, q):
+        """The Triton path (kernel.py): SEAConfig.use_kernel, by default on CUDA at inference."""
+        use_kernel = q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
+        if use_kernel and torch.is_grad_enabled() and q.requires_grad:
+            if self.cfg.use_kernel:
+                raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
+                                 "use_kernel=None or False, or run under torch.no_grad()")
+            return False
+        return use_kernel
+
+    def chunk_rows(self, q):
+        return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk
+
+    def attend_rows(self, q, k, v, e, row0, materialize):
+        T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
+        rows = torch.arange(row0, row0 + R, device=q.device)
+        s_hat = self.compressed_scores(q, k, e, row0)  # step 3
+        p_hat = s_hat.softmax(-1)  # step 4
+        if self.uses_kernel(q) and not materialize:  # steps 5-7 in two Triton kernels, no host sync
+            from kernel import select_bins, sparse_attention_blocks
+            keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, M))
+            context = sparse_attention_blocks(q, k, v, keep, row0)
+        else:
+            keep = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
+            context = None if materialize else sparse_attention(q, k, v, keep, row0)  # steps 6-7
         aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep, scores=s_hat)
-        if not materialize:  # steps 6-7 on the kept key ranges only
-            return self.sparse_step(q)(q, k, v, keep, row0), aux
-        bins = key_bins(rows, T, M, jitter=self.cfg.key_jitter if self.jitter_now() else 0.0)  # (R, T)
-        mask = kept_key_mask(keep, row0, T, bins)
-        aux.update(kept_mask=mask, key_bins=bins.expand(1, 1, -1, -1))
-        return masked_attention(q, k, v, mask, row0), aux
+        if materialize:  # step 7 as a masked dense softmax, with the T x T mask at hand
+            bins = key_bins(rows, T, M, jitter=self.cfg.key_jitter if self.jitter_now() else 0.0)  # (R, T)
+            mask = kept_key_mask(keep, row0, T, bins)
+            aux.update(kept_mask=mask, key_bins=bins.expand(1, 1, -1, -1))
+            context = masked_attention(q, k, v, mask)
+        return context, aux
 
     def jitter_now(self):
         """The official recipe moves keys across bin borders in 10% of training calls."""
         return self.training and self.cfg.key_jitter > 0 and torch.rand(()).item() < 0.1
-
-    def sparse_step(self, q):
-        """Steps 6-7 at inference: the gathered sparse_attention, or the Triton kernel (kernel.py),
-        by default on CUDA."""
-        use_kernel = self.cfg.use_kernel
-        if not (q.is_cuda if use_kernel is None else use_kernel):
-            return sparse_attention
-        from kernel import sparse_attention_triton
-        return sparse_attention_triton
 
 
 class WindowAttention(GatedSparseAttention):
@@ -383,22 +401,23 @@ class WindowAttention(GatedSparseAttention):
     better than this, its estimate adds nothing. It runs as a masked dense softmax: a control for
     analysis, not a fast method."""
 
-    def attend_rows(self, q, k, v, e, row0, row1, materialize):
+    def attend_rows(self, q, k, v, e, row0, materialize):
         B, H, T = k.shape[:3]
-        rows = torch.arange(row0, row1, device=q.device)
+        rows = torch.arange(row0, row0 + q.size(2), device=q.device)
         width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)
         mask = (recent_key_mask(rows, T, width)).expand(B, H, -1, -1)  # (B, H, R, T)
         aux = dict(kept_per_head=width.expand(B, H, -1))
         if materialize:
             aux.update(kept_mask=mask)
-        return masked_attention(q, k, v, mask, row0), aux
+        return masked_attention(q, k, v, mask), aux
 
 
 def pooled_key_scores(q, k, rows, bins):
-    """q_i . (mean of the keys in bin c of row i): (B, H, R, M), 0 for empty bins. An option beyond
+    """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
+    `rows`: (B, H, R, M), 0 for empty bins. An option beyond
     the paper (SEAConfig.pooled_keys): it tells the estimate which bins hold keys the query matches.
     From prefix sums of the keys, so O(R M D) work: prefix[e] is the sum of keys 0..e-1."""
-    q, k = full_precision(q[:, :, rows]), full_precision(k)
+    q, k = full_precision(q), full_precision(k)
     prefix = F.pad(k.cumsum(2), (0, 0, 1, 0))  # (B, H, T + 1, D)
     edges = bin_edges(rows, bins)  # (R, M + 1)
     at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])  # q_i . prefix[edge]

@@ -30,7 +30,8 @@ import eval as evaluate
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
 from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negative_float, non_negative_int,
                   positive_float, positive_int)
-from model import OPT, OPTConfig, PRESETS, causal_attention_probs, is_hub_name, load_model, read_checkpoint
+from model import OPT, OPTConfig, PRESETS, is_hub_name, load_model, read_checkpoint
+from reformer import ReformerConfig
 from sea import SEAConfig, estimate_loss, full_precision, key_bins
 
 # -----------------------------------------------------------------------------
@@ -53,18 +54,32 @@ def setup_distributed(device_flag):
 # -----------------------------------------------------------------------------
 # models and optimizer
 
+OFFICIAL_BASELINES = ("performer", "reformer")  # trained with the official code's own recipe by default
+
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
     if args.method == "dense":
         if args.init_from:
             return load_model(args.init_from)
         return OPT(OPTConfig.preset(args.preset, dropout=args.dropout))
-    return load_model(args.teacher, attn=args.method, sea=sea_config(args))
+    reformer = ReformerConfig(bucket_size=args.k, n_hashes=args.n_hashes, official_chunks=args.official_chunks)
+    return load_model(args.teacher, attn=args.method, sea=sea_config(args), reformer=reformer)
 
 
 def sea_config(args):
     return SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf,
                      gate_bias=args.gate_bias, key_jitter=args.key_jitter, pooled_keys=args.pooled_keys)
+
+
+def recipe(args):
+    """One line saying how a student is trained (the official baselines have their own recipe)."""
+    loss = "0.1 LM + 5 hidden + 0.2 KL" + (" + per-layer attention terms" if args.attention_terms else "")
+    knobs = {"reformer": f"buckets of {args.k}, {args.n_hashes} hash rounds"
+                         + (", official chunks" if args.official_chunks else ""),
+             "performer": f"nbf {args.nbf:g}"}.get(args.method, f"k {args.k}, T_M {args.predictor_length}, nbf {args.nbf:g}")
+    official = args.method in OFFICIAL_BASELINES and args.copied_lr_scale == 1.0 and not args.attention_terms
+    return (f"recipe{' (the official ' + args.method + ' baseline)' if official else ''}: {knobs}; "
+            f"new attention parameters x10, copied weights x{args.copied_lr_scale:g}; loss {loss}")
 
 
 def load_teacher(args):
@@ -89,13 +104,13 @@ def is_estimator_parameter(name):
 def make_optimizer(model, args, only=lambda name: True):
     """AdamW over the parameters whose names pass `only`; 2-D weights decay, biases and norms do
     not. Groups carry an lr_scale: a distilled student trains its new attention parameters at 10x
-    the base rate, copied weights at 0.2x."""
+    the base rate, copied weights at --copied-lr-scale (SEA 0.2x, the official baselines 1x)."""
     groups = {}
     for name, p in model.named_parameters():
         if not (p.requires_grad and only(name)):
             continue
         new = args.method != "dense" and is_new_attention_parameter(name)
-        scale = 1.0 if args.method == "dense" else (10.0 if new else 0.2)
+        scale = 1.0 if args.method == "dense" else (10.0 if new else args.copied_lr_scale)
         decay = args.weight_decay if p.dim() >= 2 else 0.0
         groups.setdefault((scale, decay), []).append(p)
     param_groups = [dict(params=ps, lr_scale=scale, weight_decay=decay) for (scale, decay), ps in groups.items()]
@@ -137,30 +152,31 @@ class DenseMapLoss(torch.autograd.Function):
 
 class Objective(nn.Module):
     """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the loss of
-    SEA.md section 4: 0.1 LM + 5 hidden MSE + 0.2 logits KL + per-layer attention terms."""
+    SEA.md section 4: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
+    when attention_terms (SEA's recipe; the official baselines train without them)."""
 
-    def __init__(self, student, teacher=None):
+    def __init__(self, student, teacher=None, attention_terms=True):
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.attention_terms = student, teacher, attention_terms
 
     def forward(self, x, y):
         if self.teacher is None:
             loss = self.student(x, y)[1]
             return loss, {"lm": loss}
         with torch.no_grad():
-            t_logits, t_hidden, t_layers = self.teacher.forward_internals(x)
-        s_logits, s_hidden, s_layers = self.student.forward_internals(x)
+            t_logits, t_hidden, t_layers = self.teacher.forward_internals(x, need_layers=self.attention_terms)
+        s_logits, s_hidden, s_layers = self.student.forward_internals(x, need_layers=self.attention_terms)
         lm, kl = vocabulary_terms(s_logits, t_logits, y)
         terms = {
             "lm": lm,
             "hidden": mean([F.mse_loss(s.float(), t.float()) for s, t in zip(s_hidden, t_hidden)]),
             "kl": kl,
         }
-        per_layer = [self.layer_terms(s, t) for s, t in zip(s_layers, t_layers)]
-        for name in per_layer[0]:
-            terms[name] = mean([layer[name] for layer in per_layer])
         loss = 0.1 * terms["lm"] + 5 * terms["hidden"] + 0.2 * terms["kl"]
-        loss = loss + sum(terms[name] for name in per_layer[0])
+        per_layer = [self.layer_terms(s, t) for s, t in zip(s_layers, t_layers)]
+        for name in per_layer[0] if per_layer else []:
+            terms[name] = mean([layer[name] for layer in per_layer])
+            loss = loss + terms[name]
         return loss, terms
 
     @staticmethod
@@ -245,7 +261,7 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     for it in range(1, args.estimator_iters + 1):
         x, _ = get_batch(train_tokens, args.batch_size, T, generator, device)
         with torch.no_grad(), autocast_context(device, args.dtype):
-            _, _, layers = teacher.forward_internals(x, need_logits=False)
+            _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
         losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"], bins)
                   for mechanism, layer in zip(mechanisms, layers)]
         loss = mean(losses)
@@ -304,7 +320,8 @@ def train(args):
         raise ValueError(f"--block-size {args.block_size} exceeds the model's "
                          f"{model.config.block_size} learned positions")
     model.to(device)
-    objective = Objective(model, teacher.to(device) if teacher is not None else None)
+    objective = Objective(model, teacher.to(device) if teacher is not None else None,
+                          attention_terms=args.method != "dense" and args.attention_terms)
     optimizer = make_optimizer(model, args)
     start_iter, best_val = 0, float("inf")
     if checkpoint is not None:
@@ -333,6 +350,8 @@ def train(args):
     if master:
         print(f"{args.method}: {model.num_params() / 1e6:.1f}M parameters, attn={model.config.attn}, "
               f"{tokens_per_iter:,} tokens per iteration on {world} x {device} ({args.dtype})")
+        if args.method != "dense":
+            print(recipe(args))
 
     model.train()
     started = last_log = time.time()
@@ -382,15 +401,26 @@ def train(args):
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["dense", "sea", "window", "performer"], default="dense",
-                   help="dense: train a teacher; sea / window / performer: distill a student from "
-                        "--teacher (window: SEA's sliding-window control)")
+    p.add_argument("--method", choices=["dense", "sea", "window", "performer", "reformer"], default="dense",
+                   help="dense: train a teacher; the others distill a student from --teacher (window: "
+                        "SEA's sliding-window control; performer, reformer: the paper's baselines)")
     p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a Hugging Face "
                                      "OPT directory or a hub name")
-    p.add_argument("--k", type=positive_int, default=SEAConfig.k, help="SEA: kept keys per query per head")
+    p.add_argument("--k", type=positive_int, default=SEAConfig.k,
+                   help="SEA/window: kept keys per query per head; reformer: the bucket size")
     p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
                    help="SEA: T_M, bins of the compressed attention rows")
-    p.add_argument("--nbf", type=positive_float, default=SEAConfig.nbf, help="SEA/Performer: feature factor")
+    p.add_argument("--nbf", type=positive_float, help="SEA/window/performer: feature factor, "
+                                                       "m = D ln D / nbf features (default 8; performer 1)")
+    p.add_argument("--n-hashes", type=positive_int, default=ReformerConfig.n_hashes, help="reformer: hash rounds")
+    p.add_argument("--official-chunks", action="store_true",
+                   help="reformer: the official fixed chunks of the sorted order (not strictly causal)")
+    p.add_argument("--copied-lr-scale", type=non_negative_float,
+                   help="learning-rate factor of the weights copied from the teacher (default 0.2; "
+                        "the official performer/reformer recipe 1.0)")
+    p.add_argument("--attention-terms", action=argparse.BooleanOptionalAction,
+                   help="the per-layer attention loss terms (default on; off for performer/reformer, "
+                        "as the official code trains them)")
     p.add_argument("--gate-bias", type=float, default=SEAConfig.gate_bias,
                    help="SEA/window: initial bias of the gates g0, g1")
     p.add_argument("--key-jitter", type=non_negative_float, default=SEAConfig.key_jitter,
@@ -444,6 +474,10 @@ def fill_defaults(args, parser):
     if args.method == "dense" and args.teacher:
         parser.error("--teacher is for the students (--method sea/window/performer); a dense model "
                      "starts from --init-from")
+    baseline = args.method in OFFICIAL_BASELINES
+    args.nbf = args.nbf or (1.0 if args.method == "performer" else SEAConfig.nbf)
+    args.copied_lr_scale = args.copied_lr_scale if args.copied_lr_scale is not None else (1.0 if baseline else 0.2)
+    args.attention_terms = args.attention_terms if args.attention_terms is not None else not baseline
     try:
         sea_config(args)
     except ValueError as e:

@@ -17,41 +17,45 @@ def teacher_path(tmp_path):
     return path
 
 
-def total_loss(student_path, teacher_path, tokens):
+def total_loss(student_path, teacher_path, tokens, attention_terms):
     student, teacher = OPT.from_checkpoint(student_path), OPT.from_checkpoint(teacher_path)
-    objective = train.Objective(student.eval(), teacher.eval())
+    objective = train.Objective(student.eval(), teacher.eval(), attention_terms)
     x, y = data.get_batch(tokens, 4, 64, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
         loss, terms = objective(x, y)
     return loss.item(), terms
 
 
-@pytest.mark.parametrize("method", ["sea", "window", "performer"])
+@pytest.mark.parametrize("method", ["sea", "window", "performer", "reformer"])
 def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitext, teacher_path, tmp_path, capsys):
     out = tmp_path / method
     common = ["--method", method, "--teacher", str(teacher_path), "--data-dir", str(wikitext),
               "--out-dir", str(out), "--batch-size", "4", "--block-size", "64", "--k", "4",
               "--predictor-length", "16", "--eval-iters", "1", "--log-interval", "3", "--dtype", "float32",
-              "--lr", "1e-3", "--warmup-iters", "1"]
+              "--lr", "1e-3", "--warmup-iters", "1", "--n-hashes", "2"]
+    baseline = method in ("performer", "reformer")  # the official recipe: no per-layer attention terms
     train.main([*common, "--max-iters", "1"])
     tokens = data.load_tokens("valid", wikitext)
-    before, terms = total_loss(out / "ckpt.pt", teacher_path, tokens)
-    expected = {"lm", "hidden", "kl", "dense", "context"} | ({"estimate"} if method == "sea" else set())
-    assert set(terms) == expected
+    before, terms = total_loss(out / "ckpt.pt", teacher_path, tokens, attention_terms=not baseline)
+    expected = {"lm", "hidden", "kl"} | (set() if baseline else {"dense", "context"})
+    assert set(terms) == expected | ({"estimate"} if method == "sea" else set())
     train.main([*common, "--max-iters", "12", "--resume"])
     log = capsys.readouterr().out
-    assert "hidden" in log and "context" in log
-    assert ("recall" in log) == (method != "performer")  # the kept keys' recall at each validation
-    after, _ = total_loss(out / "ckpt.pt", teacher_path, tokens)
+    assert "hidden" in log and ("context" in log) != baseline
+    assert ("official " + method + " baseline" in log) == baseline  # the recipe line
+    assert ("recall" in log) == (method in ("sea", "window"))  # the kept keys' recall at each validation
+    after, _ = total_loss(out / "ckpt.pt", teacher_path, tokens, attention_terms=not baseline)
     assert after < before
 
     student = OPT.from_checkpoint(out / "ckpt.pt")
-    assert student.config.attn == method and student.config.sea == SEAConfig(k=4, predictor_length=16)
+    assert student.config.attn == method
+    assert student.config.sea == SEAConfig(k=4, predictor_length=16, nbf=1 if method == "performer" else 8)
+    assert (student.config.reformer.bucket_size, student.config.reformer.n_hashes) == (4, 2)
     evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--teacher", str(teacher_path), "--data-dir", str(wikitext),
                    "--block-size", "64", "--split", "valid"])
     report = capsys.readouterr().out
     assert "ratio" in report
-    assert ("recall" in report) == (method != "performer")
+    assert ("recall" in report) == (method in ("sea", "window"))
 
 
 def test_new_attention_parameters_get_ten_times_the_rate(teacher_path):

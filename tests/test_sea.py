@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import OPT, OPTConfig
-from sea import (SEAAttention, SEAConfig, WindowAttention, causal_linear_attention, decompress,
+from sea import (CompressedScoreDecoder, SEAAttention, SEAConfig, WindowAttention, causal_linear_attention, decompress,
                  estimate_loss, estimated_attention_map, grouped_topk, kept_key_mask, key_bins, masked_attention,
                  row_budget, sparse_attention)
 
@@ -34,7 +35,7 @@ def random_keep(B, H, T, M, k, seed=0):
 
 
 def masked_attention_of_bins(q, k, v, keep, row0):
-    return masked_attention(q, k, v, kept_key_mask(keep, row0, k.size(2)), row0)
+    return masked_attention(q, k, v, kept_key_mask(keep, row0, k.size(2)))
 
 
 @pytest.mark.parametrize("step7", [sparse_attention, masked_attention_of_bins])
@@ -236,3 +237,15 @@ def test_key_jitter_moves_keys_by_at_most_one_bin_and_only_in_training():
     assert not attention.eval().jitter_now()
     torch.manual_seed(0)
     assert 0.05 < sum(attention.train().jitter_now() for _ in range(1000)) / 1000 < 0.15
+
+
+def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
+    torch.manual_seed(0)
+    decoder = CompressedScoreDecoder(3, 16, 32).double()
+    e = torch.randn(2, 3, 40, 16, dtype=torch.float64)
+    B, H, T, _ = e.shape
+    x = decoder.project(e).view(B, H, T, 2, 8).permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, 8)
+    x = F.relu(decoder.causal_conv(decoder.conv1, decoder.norm_in(x)))
+    x = F.relu(decoder.causal_conv(decoder.conv2, x))
+    literal = decoder.norm_out(decoder.to_heads(x.repeat_interleave(4, dim=-1)))  # SEA.md's order
+    torch.testing.assert_close(decoder(e), literal)
