@@ -224,12 +224,22 @@ def format_row(name, row):
 BENCH_METHODS = ("eager", "sdpa", "performer", "sea-torch", "sea-triton")
 
 
+def plain_eager_attention(q, k, v):
+    """The baseline eager attention: softmax(masked_fill(q k^T)) @ v in the input dtype, no extra copies."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)).masked_fill_(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(),
+                                                    float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 def attention_under_test(method, heads, length, head_dim, device, dtype, sea):
     """A function that runs one causal attention of `method` on random (1, H, T, D) inputs."""
     q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
     q = q * head_dim ** -0.5
-    if method in ("eager", "sdpa"):
-        module = DenseAttention(eager=method == "eager")
+    if method == "eager":
+        return lambda: plain_eager_attention(q, k, v)
+    if method == "sdpa":
+        module = DenseAttention()
     elif method == "performer":
         module = PerformerAttention(head_dim, sea.nbf)
     else:
@@ -273,6 +283,18 @@ def time_and_peak_memory(run, device, max_seconds=3.0, max_repeats=5):
     return sorted(times)[len(times) // 2], peak
 
 
+def count_calls(run, device):
+    """One run under the PyTorch profiler: CUDA kernel launches on a GPU, else PyTorch operator
+    calls (every aten:: op, nested ones included), a measure of the host work per call."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        run()
+    if device.startswith("cuda"):
+        return "launches", sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return "ops", sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
 def bench_child(spec):
     """Runs in the child process: one measurement, printed as JSON."""
     torch.manual_seed(0)
@@ -283,18 +305,21 @@ def bench_child(spec):
         run = attention_under_test(spec["method"], spec["heads"], spec["length"], spec["head_dim"],
                                    spec["device"], dtype, sea)
     seconds, peak = time_and_peak_memory(run, spec["device"])
-    print(json.dumps(dict(seconds=seconds, peak=peak)))
+    result = dict(seconds=seconds, peak_bytes=peak)
+    if spec.get("count_calls"):
+        name, count = count_calls(run, spec["device"])
+        result[name] = count
+    print(json.dumps(result))
 
 
 def measure_in_child(spec):
-    """(seconds, peak bytes), or None when the child failed (out of memory, say)."""
+    """{seconds, peak_bytes[, ops | launches]}, or None when the child failed (out of memory, say)."""
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench-child", json.dumps(spec)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         print(f"  {spec['method']} at T={spec['length']} failed: {result.stderr.strip().splitlines()[-1:]}")
         return None
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
-    return answer["seconds"], answer["peak"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def memory_budget(device):
@@ -314,7 +339,12 @@ def growth_exponent(lengths, seconds, from_length=8192):
     return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
 
 
-def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), model_length=2048, plot=None):
+def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), model_length=2048, plot=None,
+              json_path=None):
+    """Latency and peak memory of causal attention alone, every method at every length, then a
+    whole OPT-125m-shaped model; each figure from a child process of its own. Returns the records
+    (also written to json_path): method, T, device, dtype, seconds, peak bytes, and for SEA the
+    kernel launches (CUDA) or operator calls (CPU) of one call."""
     methods = [m for m in BENCH_METHODS if m != "sea-triton" or device.startswith("cuda")]
     budget = memory_budget(device)
     common = dict(kind="attention", heads=heads, head_dim=head_dim, device=device, dtype=dtype,
@@ -322,36 +352,49 @@ def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), mo
     print(f"attention alone, causal, B=1 H={heads} D={head_dim}, T_M={sea.predictor_length} "
           f"k={sea.k}, on {device_name(device)}, {dtype}; time (ms) / peak memory (MB)")
     print(f"{'T':>7} " + " ".join(f"{m:>20}" for m in methods))
-    results = {m: [] for m in methods}
+    records = []
     for length in lengths:
         cells = []
         for method in methods:
-            eager_bytes = 3 * heads * length * length * 4  # scores, probabilities, a masked copy
-            if method == "eager" and eager_bytes > 0.6 * budget:
-                result = None
+            if method == "eager" and 2 * heads * length * length * 4 > 0.6 * budget:  # scores, probabilities
                 cells.append(f"{'(would not fit)':>20}")
-            else:
-                result = measure_in_child(dict(common, method=method, length=length))
-                cells.append(f"{result[0] * 1e3:>10.1f} / {result[1] / 2**20:>7.0f}" if result else f"{'failed':>20}")
-            results[method].append(result)
+                continue
+            result = measure_in_child(dict(common, method=method, length=length,
+                                           count_calls=method.startswith("sea")))
+            cells.append(f"{result['seconds'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}"
+                         if result else f"{'failed':>20}")
+            if result:
+                records.append(dict(kind="attention", method=method, T=length, device=device_name(device),
+                                    dtype=dtype, **result))
         print(f"{length:>7} " + " ".join(cells), flush=True)
 
+    seconds_of = lambda method: [next((r["seconds"] for r in records if r["method"] == method and r["T"] == t),
+                                      None) for t in lengths]
     print("growth exponent of time vs T (fitted over T >= 8k where measured):")
     for method in methods:
-        exponent = growth_exponent(lengths, [r and r[0] for r in results[method]])
+        exponent = growth_exponent(lengths, seconds_of(method))
         print(f"  {method:<11} {'n/a' if exponent is None else f'{exponent:.2f}'}")
     for sea_method in [m for m in methods if m.startswith("sea")]:
-        faster = [t for t, s, d in zip(lengths, results[sea_method], results["sdpa"]) if s and d and s[0] < d[0]]
+        faster = [t for t, s, d in zip(lengths, seconds_of(sea_method), seconds_of("sdpa")) if s and d and s < d]
         print(f"{sea_method} is faster than sdpa from T = {faster[0] if faster else 'never (in this range)'}")
+        calls = [(r["T"], r.get("ops", r.get("launches"))) for r in records if r["method"] == sea_method]
+        print(f"{sea_method} {'kernel launches' if device.startswith('cuda') else 'operator calls'} per call: "
+              + ", ".join(f"{count:,} at T={t}" for t, count in calls))
 
     print(f"whole model, OPT-125m shape (random weights), one sequence of T={model_length}:")
     for attn in ("eager", "sea"):
         result = measure_in_child(dict(common, kind="model", method=attn, length=model_length))
         if result:
-            print(f"  {attn:<6} {model_length / result[0]:>9,.0f} tokens/s   peak memory {result[1] / 2**20:,.0f} MB")
+            records.append(dict(kind="model", method=attn, T=model_length, device=device_name(device),
+                                dtype=dtype, **result))
+            print(f"  {attn:<6} {model_length / result['seconds']:>9,.0f} tokens/s   "
+                  f"peak memory {result['peak_bytes'] / 2**20:,.0f} MB")
     if plot:
-        plot_benchmark(lengths, results, plot, f"{device_name(device)}, {dtype}")
-    return results
+        plot_benchmark(lengths, records, plot, f"{device_name(device)}, {dtype}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {json_path}")
+    return records
 
 
 def device_name(device):
@@ -360,16 +403,15 @@ def device_name(device):
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def plot_benchmark(lengths, results, path, title):
+def plot_benchmark(lengths, records, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, rows in results.items():
-        points = [(t, r) for t, r in zip(lengths, rows) if r]
-        if points:
-            ax_time.plot([t for t, _ in points], [r[0] * 1e3 for _, r in points], "o-", label=method)
-            ax_memory.plot([t for t, _ in points], [r[1] / 2**20 for _, r in points], "o-", label=method)
+    for method in dict.fromkeys(r["method"] for r in records if r["kind"] == "attention"):
+        rows = [r for r in records if r["kind"] == "attention" and r["method"] == method]
+        ax_time.plot([r["T"] for r in rows], [r["seconds"] * 1e3 for r in rows], "o-", label=method)
+        ax_memory.plot([r["T"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], "o-", label=method)
     for ax, label in ((ax_time, "latency (ms)"), (ax_memory, "peak memory (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -436,8 +478,9 @@ def parse_args(argv):
                         help="history.jsonl files written by train.py: draw recall against tokens "
                              "into --plot")
     p.add_argument("--labels", help="comma-separated names of the --curves runs (default: their folders)")
-    p.add_argument("--bench-lengths", type=length_list, default=[1024, 2048, 4096, 8192, 16384, 32768],
-                   help="comma-separated sequence lengths for --bench (default 1024,...,32768)")
+    p.add_argument("--bench-lengths", type=length_list,
+                   help="comma-separated sequence lengths for --bench (default 1k..32k on a CPU, 1k..128k on a GPU)")
+    p.add_argument("--json", help="--bench: also write every raw figure to this JSON file")
     p.add_argument("--bench-heads", type=positive_int, default=12)
     p.add_argument("--bench-model-length", type=positive_int, default=2048,
                    help="sequence length of the whole-model line of --bench")
@@ -472,8 +515,10 @@ def run(p, args):
         return plot_curves(args.curves, args.plot, labels)
     if args.bench:
         dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-        return benchmark(args.bench_lengths, args.device, dtype, heads=args.bench_heads,
-                         model_length=args.bench_model_length, plot=args.plot)
+        longest = 17 if args.device.startswith("cuda") else 15  # 128k on a GPU, 32k on a CPU
+        lengths = args.bench_lengths or [2 ** n for n in range(10, longest + 1)]
+        return benchmark(lengths, args.device, dtype, heads=args.bench_heads,
+                         model_length=args.bench_model_length, plot=args.plot, json_path=args.json)
 
     model = load_model(args.ckpt or args.init_from).to(args.device)
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config

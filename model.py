@@ -114,6 +114,39 @@ class DenseAttention(nn.Module):
         probs = causal_attention_probs(q, k)
         return (probs.to(v.dtype) @ v), {"probs": probs}
 
+    def extend(self, q, k, v, start, state):
+        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)) over the keys and values of
+        every position so far (B, H, start + R, D). Nothing to keep but those: state stays None."""
+        T = k.size(2)
+        visible = torch.arange(T, device=q.device) <= torch.arange(start, T, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0), None
+
+
+class LayerCache:
+    """One layer's decoding cache: the keys and values of every position so far, in buffers that
+    double when full, and the attention mechanism's own state (SEA's prefix sums and CNN rows,
+    the Performer's sums; see each mechanism's `extend`)."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, H, capacity, D)
+        self.length = 0
+        self.state = None
+
+    def append(self, k, v):
+        """Add the new positions' k, v (B, H, n, D); returns views of all of them so far."""
+        end = self.length + k.size(2)
+        if self.k is None or end > self.k.size(2):
+            self.k, self.v = self.grown(self.k, k, 2 * end), self.grown(self.v, v, 2 * end)
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def grown(self, buffer, new, capacity):
+        bigger = new.new_empty(*new.shape[:2], capacity, new.size(3))
+        if buffer is not None:
+            bigger[:, :, :self.length] = buffer[:, :, :self.length]
+        return bigger
+
 
 def build_attention(config):
     """The one place where `config.attn` picks the attention mechanism."""
@@ -138,13 +171,21 @@ class OPTAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd)
         self.mechanism = build_attention(config)
 
-    def forward(self, x, need_internals=False):
+    def forward(self, x, need_internals=False, cache=None):
+        """x (B, T, C) -> (y, internals). With a LayerCache, x holds the positions after the
+        cached ones, attended together with those."""
         B, T, C = x.shape
         split_heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         q = split_heads(self.q_proj(x) * self.scaling)  # OPT scales q inside the projection
         k = split_heads(self.k_proj(x))
         v = split_heads(self.v_proj(x))
-        context, aux = self.mechanism(q, k, v, need_weights=need_internals)
+        if cache is None:
+            context, aux = self.mechanism(q, k, v, need_weights=need_internals)
+        else:
+            start = cache.length
+            k, v = cache.append(k, v)
+            context, cache.state = self.mechanism.extend(q, k, v, start, cache.state)
+            aux = {}
         y = self.out_proj(context.transpose(1, 2).reshape(B, T, C))
         internals = dict(aux, q=q, k=k, v=v, context=context) if need_internals else None
         return y, internals
@@ -161,9 +202,9 @@ class OPTBlock(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, need_internals=False):
+    def forward(self, x, need_internals=False, cache=None):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, internals = self.self_attn(h, need_internals)
+        h, internals = self.self_attn(h, need_internals, cache)
         x = x + self.dropout(h)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -172,6 +213,16 @@ class OPTBlock(nn.Module):
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x, internals
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, generator=None):
+    """logits (B, V) of the last position -> (B, 1) token ids: softmax(logits / temperature),
+    cut to the top_k most likely tokens when top_k is given."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
 class OPT(nn.Module):
@@ -207,7 +258,7 @@ class OPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def forward_internals(self, idx, need_hidden=True, need_layers=True, need_logits=True):
+    def forward_internals(self, idx, need_hidden=True, need_layers=True, need_logits=True, caches=None):
         """Logits plus what distillation and pictures need.
 
         Returns (logits, hidden_states, layers): hidden_states are the L + 1 tensors
@@ -215,22 +266,24 @@ class OPT(nn.Module):
         the last, the final normalized output), an empty list unless need_hidden; layers
         holds each layer's attention internals (q, k, v, context and the mechanism's own
         aux, with need_weights), an empty list unless need_layers. need_logits=False skips
-        the output layer (logits None).
+        the output layer (logits None). With caches (one LayerCache per layer), idx holds the
+        tokens after the cached ones (decoding; see generate).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model's block_size "
+        start = caches[0].length if caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds the model's block_size "
                              f"{self.config.block_size} (its learned positions)")
-        positions = torch.arange(T, device=idx.device) + OPT_POSITION_OFFSET
+        positions = torch.arange(start, start + T, device=idx.device) + OPT_POSITION_OFFSET
         x = self.embed_tokens(idx)
         if self.project_in is not None:
             x = self.project_in(x)
         x = self.dropout(x + self.embed_positions(positions))
         hidden_states, layers = [], []
-        for block in self.layers:
+        for number, block in enumerate(self.layers):
             if need_hidden:
                 hidden_states.append(x)
-            x, internals = block(x, need_layers)
+            x, internals = block(x, need_layers, caches[number] if caches else None)
             if need_layers:
                 layers.append(internals)
         if self.final_layer_norm is not None:
@@ -241,6 +294,31 @@ class OPT(nn.Module):
             hidden_states.append(x)
         logits = F.linear(x, self.embed_tokens.weight) if need_logits else None  # lm_head: tied
         return logits, hidden_states, layers
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continue idx (B, T) by sampled tokens, nanoGPT's way (top_k=1 is greedy decoding).
+
+        The prompt runs in one pass that fills a cache per layer; then each new token runs
+        alone against the cache, so a token costs what one row of attention costs. The model
+        has learned positions up to block_size, so generation stops there: the result is
+        (B, T + n) with n = min(max_new_tokens, block_size - T).
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be positive (use top_k=1 for greedy decoding)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be at least 1 (or None for no cut)")
+        if not 1 <= idx.size(1) <= self.config.block_size:
+            raise ValueError(f"the prompt has {idx.size(1)} tokens; it needs 1 to {self.config.block_size} "
+                             f"(the model's block_size)")
+        self.eval()
+        caches = [LayerCache() for _ in self.layers]
+        tokens = idx
+        for step in range(min(max_new_tokens, self.config.block_size - idx.size(1))):
+            logits = self.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
+            tokens = sample_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
+            idx = torch.cat([idx, tokens], dim=1)
+        return idx
 
     # -------------------------------------------------------------------------
     # loading

@@ -76,10 +76,17 @@ class LSHAttention(nn.Module):
     def forward(self, q, k, v, need_weights=False):
         """q (already scaled), k (unused: the keys are q), v (B, H, T, D) -> (B, H, T, D), {}."""
         B, H, T, D = q.shape
+        precision = torch.promote_types(v.dtype, torch.float32)  # float32, or float64 in tests
         with torch.autocast(q.device.type, enabled=False):
-            qk, v = q.float().reshape(B * H, T, D), v.float().reshape(B * H, T, D)
-            out = self.attend(qk, v)
+            out = self.attend(q.to(precision).reshape(B * H, T, D), v.to(precision).reshape(B * H, T, D))
         return out.view(B, H, T, D).to(v.dtype), {}
+
+    def extend(self, q, k, v, start, state):
+        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), v of every position so far,
+        the shared query/keys of the earlier positions (state, None at the start). Runs the
+        attention over all positions again and keeps the new rows: exact, since it is causal."""
+        qk = q if state is None else torch.cat([state, q], dim=2)
+        return self(qk, None, v)[0][:, :, start:], qk
 
     def attend(self, qk, v):
         G, T, D = qk.shape
@@ -87,7 +94,7 @@ class LSHAttention(nn.Module):
         if self.n_buckets == 1:
             buckets = qk.new_zeros(G, R, T, dtype=torch.long)
         else:
-            buckets = hash_buckets(qk, self.rotations(qk.device))  # step 2
+            buckets = hash_buckets(qk, self.rotations(qk.device).to(qk.dtype))  # step 2
         K = math.ceil(T / c) * c
         if K > T:  # padding tokens: a bucket of their own after all others, positions after all others
             qk, v = F.pad(qk, (0, 0, 0, K - T)), F.pad(v, (0, 0, 0, K - T))

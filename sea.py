@@ -21,7 +21,7 @@ bottom; training runs step 7 as a masked dense softmax, as the loss is T x T any
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -80,15 +80,16 @@ class ReLUFeatures(nn.Module):
         return F.relu((x * x.size(-1) ** -0.25) @ self.W.T) + 1e-3
 
 
-def causal_linear_attention(phi_q, phi_k, v, chunk=128):
+def causal_linear_attention(phi_q, phi_k, v, sums=None, chunk=128):
     """c_i = phi(q_i)^T S_i / phi(q_i)^T z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
 
-    phi_q, phi_k (B, H, T, m), v (B, H, T, E) -> (B, H, T, E). Chunk by chunk: inside a
-    chunk a small causal (chunk x chunk) product, across chunks the carried sums S and z.
+    phi_q, phi_k (B, H, T, m), v (B, H, T, E) -> (B, H, T, E), and the sums (S, z) after the
+    last row. Chunk by chunk: inside a chunk a small causal (chunk x chunk) product, across
+    chunks the carried sums S (B, H, m, E) and z (B, H, m), which start from `sums` when the
+    rows continue earlier ones (decoding).
     """
     B, H, T, m = phi_q.shape
-    S = phi_q.new_zeros(B, H, m, v.size(-1))
-    z = phi_q.new_zeros(B, H, m)
+    S, z = sums if sums is not None else (phi_q.new_zeros(B, H, m, v.size(-1)), phi_q.new_zeros(B, H, m))
     out = []
     for start in range(0, T, chunk):
         q, k, u = (t[:, :, start:start + chunk] for t in (phi_q, phi_k, v))
@@ -98,7 +99,7 @@ def causal_linear_attention(phi_q, phi_k, v, chunk=128):
         out.append(numerator / denominator.unsqueeze(-1))
         S = S + k.transpose(-2, -1) @ u
         z = z + k.sum(-2)
-    return torch.cat(out, dim=2)
+    return torch.cat(out, dim=2), (S, z)
 
 
 class PerformerAttention(nn.Module):
@@ -109,10 +110,15 @@ class PerformerAttention(nn.Module):
         self.features = ReLUFeatures(head_dim, nbf)
 
     def forward(self, q, k, v, need_weights=False):
+        return self.extend(q, k, v, 0, None)[0], {}
+
+    def extend(self, q, k, v, start, sums):
+        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), k and v of every position
+        so far, the prefix sums of the rows before (None at the start) -> (out, sums)."""
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = full_precision(q), full_precision(k), full_precision(v)
-            out = causal_linear_attention(self.features(q), self.features(k), v)
-        return out.to(v.dtype), {}
+            q, k, v = full_precision(q), full_precision(k[:, :, start:]), full_precision(v[:, :, start:])
+            out, sums = causal_linear_attention(self.features(q), self.features(k), v, sums)
+        return out.to(v.dtype), sums
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +269,15 @@ def masked_attention(q, k, v, mask):
 # -----------------------------------------------------------------------------
 # the modules model.py plugs in: SEA, and the sliding-window control
 
+class DecodingState(NamedTuple):
+    """What a SEA or window layer keeps between decoding steps besides the keys and values
+    (SEA.md section 8): the linear estimate's prefix sums, the last rows of e that the causal
+    CNN reaches (HALO), and the running sum of the values."""
+    sums: tuple  # (S (B, H, m, 2D), z (B, H, m))
+    e_tail: torch.Tensor  # (B, H, <= HALO, 2D)
+    v_sum: torch.Tensor  # (B, H, 1, D)
+
+
 class GatedSparseAttention(nn.Module):
     """What SEA and its window control share: the linear estimate and the encoder (steps 1-2),
     which feed the gates, the gate g0 of step 7 and the running-mean mix of step 8. A subclass
@@ -278,13 +293,14 @@ class GatedSparseAttention(nn.Module):
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
         nn.init.constant_(self.gates.bias, cfg.gate_bias)
 
-    def encode(self, q, k, v):
-        """Steps 1-2: e (B, H, T, 2D) from the linear estimate over [positions, values]."""
-        B, H, T, D = v.shape
+    def encode(self, q, k, v, start=0, sums=None):
+        """Steps 1-2 for the rows start .. start + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
+        from the linear estimate over [positions, values], and its prefix sums after them."""
+        B, H, R, D = v.shape
         q, k, v = full_precision(q), full_precision(k), full_precision(v)
-        values = torch.cat([self.positions[:T].expand(B, H, T, D).to(v.dtype), v], dim=-1)  # (B, H, T, 2D)
-        c = causal_linear_attention(self.features(q), self.features(k), values)
-        return self.encoder(torch.cat([c, v], dim=-1))  # f (B, H, T, 3D) -> e
+        positions = self.positions[start:start + R].expand(B, H, R, D).to(v.dtype)
+        c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums)
+        return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
 
     def forward(self, q, k, v, need_weights=False):
         """q (already scaled), k, v (B, H, T, D) -> out (B, H, T, D), aux.
@@ -294,40 +310,58 @@ class GatedSparseAttention(nn.Module):
         """
         # full precision whatever autocast is on outside: the kept keys must not depend on it
         with torch.autocast(q.device.type, enabled=False):
-            return self.attend(q, k, v, need_weights)
+            out, aux, _ = self.attend(q, k, v, need_weights)
+        return out, aux
+
+    def extend(self, q, k, v, start, state):
+        """Decoding (SEA.md section 8): the rows start .. start + R - 1 (q (B, H, R, D)), given k
+        and v of every position so far and the DecodingState of the rows before (None at the
+        start). Returns (out (B, H, R, D), the state after these rows): the same numbers as the
+        rows of one full pass."""
+        with torch.autocast(q.device.type, enabled=False):
+            out, _, state = self.attend(q, k, v, False, start, state)
+        return out, state
 
     def row_chunks(self, q, whole):
-        T = q.size(2)
-        step = T if whole else self.chunk_rows(q)
-        return [(start, min(start + step, T)) for start in range(0, T, step)]
+        R = q.size(2)
+        step = R if whole else self.chunk_rows(q)
+        return [(first, min(first + step, R)) for first in range(0, R, step)]
 
     def chunk_rows(self, q):
         """Query rows per step at inference: SEAConfig.query_chunk bounds the memory."""
         return self.cfg.query_chunk
 
-    def attend(self, q, k, v, need_weights):
-        T = q.size(2)
-        e = self.encode(q, k, v)
+    def attend(self, q, k, v, need_weights, start=0, state=None):
+        """The rows start .. T - 1 (q (B, H, R, D), k, v (B, H, T, D), T = start + R): (out, aux,
+        the DecodingState after them). A full pass is start = 0 with no state."""
+        R, T = q.size(2), k.size(2)
+        new_v = full_precision(v[:, :, start:])
+        e, sums = self.encode(q, k[:, :, start:], new_v, start, state and state.sums)
+        e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # the decoder's halo rows too
+        e_start = start - (e_rows.size(2) - R)  # the position of e_rows' first row
         # all rows at once when the T x T mask is wanted anyway (training, pictures); else in chunks
         materialize = need_weights or (torch.is_grad_enabled() and q.requires_grad)
         contexts, auxes = [], []
-        for row0, row1 in self.row_chunks(q, whole=materialize):
-            context, aux = self.attend_rows(q[:, :, row0:row1], k, v, e, row0, materialize)  # steps 3-7
+        for first, last in self.row_chunks(q, whole=materialize):
+            context, aux = self.attend_rows(q[:, :, first:last], k, v, e_rows, e_start, start + first,
+                                            materialize)  # steps 3-7
             contexts.append(context)
             auxes.append(aux)
-        g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, T) each
+        g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, R) each
         sparse = torch.cat(contexts, dim=2) * g0.unsqueeze(-1)
-        counts = torch.arange(1, T + 1, device=v.device)[:, None]
-        running_mean = full_precision(v).cumsum(dim=2) / counts  # mean of v_j, j <= i
+        v_sum = new_v.cumsum(dim=2) + (state.v_sum if state is not None else 0)  # sum of v_j, j <= i
+        running_mean = v_sum / torch.arange(start + 1, T + 1, device=v.device)[:, None]
         out = g1.unsqueeze(-1) * sparse + (1 - g1.unsqueeze(-1)) * running_mean  # step 8
-        aux = {name: torch.cat([a[name] for a in auxes], dim=2) for name in auxes[0]}  # (B, H, T, ...)
+        aux = {name: torch.cat([a[name] for a in auxes], dim=2) for name in auxes[0]}  # (B, H, R, ...)
         if not need_weights:
             aux = {"kept_per_head": aux["kept_per_head"]}
-        return out.to(v.dtype), aux
+        state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:])
+        return out.to(v.dtype), aux, state
 
-    def attend_rows(self, q, k, v, e, row0, materialize):
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
         """The query rows q (B, H, R, D) at positions row0 .. row0 + R - 1: (context (B, H, R, D)
-        before the gate, aux of (B, H, R, ...) tensors). k, v, e hold all T rows."""
+        before the gate, aux of (B, H, R, ...) tensors). k, v hold every position up to the last
+        row, e the encoded rows from position e_start on."""
         raise NotImplementedError
 
 
@@ -345,13 +379,15 @@ class SEAAttention(GatedSparseAttention):
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.compressed_scores(q, k, self.encode(q, k, v), 0)
+            return self.compressed_scores(q, k, self.encode(q, k, v)[0], 0, 0)
 
-    def compressed_scores(self, q, k, e, row0):
+    def compressed_scores(self, q, k, e, e_start, row0):
         """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, M),
-        which needs e from the HALO rows above; with SEAConfig.pooled_keys, plus each bin's mean logit."""
+        which needs e (rows from position e_start on) from the HALO rows above; with
+        SEAConfig.pooled_keys, plus each bin's mean logit."""
         R, halo = q.size(2), CompressedScoreDecoder.HALO
-        s_hat = self.decoder(e[:, :, max(0, row0 - halo):row0 + R])[:, :, -R:]
+        first = max(e_start, row0 - halo)
+        s_hat = self.decoder(e[:, :, first - e_start:row0 + R - e_start])[:, :, -R:]
         if self.cfg.pooled_keys:
             rows = torch.arange(row0, row0 + R, device=q.device)
             s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, k, rows, self.cfg.predictor_length)
@@ -370,10 +406,10 @@ class SEAAttention(GatedSparseAttention):
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk
 
-    def attend_rows(self, q, k, v, e, row0, materialize):
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
         T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
         rows = torch.arange(row0, row0 + R, device=q.device)
-        s_hat = self.compressed_scores(q, k, e, row0)  # step 3
+        s_hat = self.compressed_scores(q, k, e, e_start, row0)  # step 3
         p_hat = s_hat.softmax(-1)  # step 4
         if self.uses_kernel(q) and not materialize:  # steps 5-7 in two Triton kernels, no host sync
             from kernel import select_bins, sparse_attention_blocks
@@ -401,7 +437,7 @@ class WindowAttention(GatedSparseAttention):
     better than this, its estimate adds nothing. It runs as a masked dense softmax: a control for
     analysis, not a fast method."""
 
-    def attend_rows(self, q, k, v, e, row0, materialize):
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
         B, H, T = k.shape[:3]
         rows = torch.arange(row0, row0 + q.size(2), device=q.device)
         width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)

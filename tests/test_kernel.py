@@ -95,3 +95,14 @@ def test_unsupported_head_dim_is_refused():
     q, k, v, keep = random_inputs(1, 1, 8, 16, 8, 2, torch.float32)
     with pytest.raises(ValueError, match="head dims"):
         sparse_attention_blocks(q, k, v, keep, 0)
+
+
+def test_the_kernel_path_never_waits_for_the_device():
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    attention = SEAAttention(2, 32, 96, SEAConfig(k=2, predictor_length=8, use_kernel=True)).to(DEVICE).eval()
+    q, k, v = (torch.randn(1, 2, 70, 32, device=DEVICE) for _ in range(3))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        attention(q, k, v)
+    synchronizing = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense"}  # sizes read back to the host
+    assert not synchronizing & {event.name for event in prof.events()}

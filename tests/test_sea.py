@@ -95,7 +95,7 @@ def test_causal_linear_attention_matches_quadratic_form():
     phi_q, phi_k, v = torch.rand(2, 3, 45, 5), torch.rand(2, 3, 45, 5), torch.randn(2, 3, 45, 7)
     weights = (phi_q @ phi_k.transpose(-2, -1)).tril()
     reference = weights @ v / weights.sum(-1, keepdim=True)
-    torch.testing.assert_close(causal_linear_attention(phi_q, phi_k, v, chunk=16), reference)
+    torch.testing.assert_close(causal_linear_attention(phi_q, phi_k, v, chunk=16)[0], reference)
 
 
 def test_sea_attention_module_steps_7_and_8():
@@ -104,7 +104,7 @@ def test_sea_attention_module_steps_7_and_8():
     attention = SEAAttention(H, D, 64, SEAConfig(k=3, predictor_length=16)).double()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     out, aux = attention(q, kk, v, need_weights=True)
-    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v))).unbind(-1)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v)[0])).unbind(-1)
     sparse = masked_dense_attention(q, kk, v, formula_key_mask(aux["kept_bins"]))
     running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
     expected = g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean
@@ -186,7 +186,7 @@ def test_window_control_keeps_each_heads_most_recent_keys():
         assert torch.equal(aux["kept_mask"][:, :, i], expected.expand(B, H, T)), f"row {i}"
         assert (aux["kept_per_head"][:, :, i] == width).all()
     assert aux["kept_per_head"][:, :, 64:].double().mean().item() == pytest.approx(k, rel=0.2)
-    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v))).unbind(-1)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v)[0])).unbind(-1)
     sparse = masked_dense_attention(q, kk, v, aux["kept_mask"])
     running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean)
