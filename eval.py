@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import SPLITS, check_long_enough, load_tokens
-from model import OPT, DenseAttention, OPTConfig, load_model
+from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
+from model import OPT, DenseAttention, LayerCache, OPTConfig, load_model
 from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map
 
 MASKED_KINDS = ("sea", "window")  # students whose kept keys can be compared with the teacher's attention
@@ -208,12 +208,17 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     return row
 
 
+TABLE_HEADER = (f"{'method':<12} {'ppl':>8} {'ratio':>6}   {'kept keys/head':>14}   recall (late rows):"
+                f" {'kept':>5} {'window':>6} {'oracle':>6}   all rows: {'kept':>5}")
+
+
 def format_row(name, row):
-    text = f"{name:<10} {row['ppl']:>9.2f}"
-    if "ratio" in row:
-        text += f" {row['ratio']:>8.3f}"
+    """One line of TABLE_HEADER's table: perplexity, ratio to the teacher, mask statistics."""
+    text = f"{name:<12} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
     if "kept_per_head" in row:
-        text += "   " + format_mask_statistics(row)
+        kept = f"{row['kept_per_head_late']:.1f} ({100 * row['kept_fraction_late']:.1f}%)"
+        text += (f"   {kept:>14}   {'':>19} {row['recall_late']:>5.3f} {row['window_recall_late']:>6.3f} "
+                 f"{row['oracle_recall_late']:>6.3f}   {'':>9} {row['recall']:>5.3f}")
     return text
 
 
@@ -298,6 +303,9 @@ def count_calls(run, device):
 def bench_child(spec):
     """Runs in the child process: one measurement, printed as JSON."""
     torch.manual_seed(0)
+    if spec["kind"] == "decode":
+        return print(json.dumps(time_decoding(spec["method"], spec["length"], spec["new_tokens"], spec["device"],
+                                              spec["dtype"])))
     sea, dtype = SEAConfig(**spec["sea"]), getattr(torch, spec["dtype"])
     if spec["kind"] == "model":
         run = model_under_test(spec["method"], spec["length"], spec["device"], spec["dtype"], sea)
@@ -474,6 +482,8 @@ def parse_args(argv):
     source.add_argument("--init-from", help="a Hugging Face OPT directory or hub name")
     source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
     source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
+    source.add_argument("--bench-decode", action="store_true",
+                        help="time per generated token with a cache, dense against SEA, after 1k..8k tokens")
     source.add_argument("--curves", nargs="+", metavar="HISTORY",
                         help="history.jsonl files written by train.py: draw recall against tokens "
                              "into --plot")
@@ -490,6 +500,12 @@ def parse_args(argv):
                                   "(with --bench: latency and memory against T)")
     p.add_argument("--layer", type=int, default=-1, help="layer for --plot (default the last)")
     p.add_argument("--head", type=non_negative_int, default=0, help="head for --plot")
+    p.add_argument("--sample", metavar="PROMPT", help="with --ckpt/--init-from: print the prompt's continuation")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="--sample: tokens to generate (default 100); --bench-decode: tokens to time (default 16)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="--sample: softmax temperature")
+    p.add_argument("--top-k", type=positive_int, help="--sample: sample among the k most likely tokens (1: greedy)")
+    p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed")
     p.add_argument("--reformer-seed", type=int, help="a reformer student: the seed of its rotations at "
                                                      "evaluation (default: the one it was trained with, 0)")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -513,16 +529,27 @@ def run(p, args):
         if labels and len(labels) != len(args.curves):
             p.error(f"--labels names {len(labels)} runs but --curves has {len(args.curves)}")
         return plot_curves(args.curves, args.plot, labels)
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     if args.bench:
-        dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
         longest = 17 if args.device.startswith("cuda") else 15  # 128k on a GPU, 32k on a CPU
         lengths = args.bench_lengths or [2 ** n for n in range(10, longest + 1)]
         return benchmark(lengths, args.device, dtype, heads=args.bench_heads,
                          model_length=args.bench_model_length, plot=args.plot, json_path=args.json)
+    if args.bench_decode:
+        lengths = args.bench_lengths or [1024, 2048, 4096, 8192]
+        return decode_benchmark(lengths, args.device, dtype, args.max_new_tokens or 16, args.json)
 
     model = load_model(args.ckpt or args.init_from).to(args.device)
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
         model.config.reformer.eval_seed = args.reformer_seed
+    if args.sample is not None:
+        return sample_text(model, args.sample, args.max_new_tokens or 100, args.temperature, args.top_k,
+                           args.seed, args.device)
+    return evaluate_model(p, args, model)
+
+
+def evaluate_model(p, args, model):
+    """Test perplexity (and with --teacher the ratio and mask statistics; with --plot the picture)."""
     block_size = args.block_size or model.config.block_size
     if not 2 <= block_size <= model.config.block_size:
         p.error(f"--block-size {block_size} must be between 2 and the model's {model.config.block_size}")
@@ -542,10 +569,84 @@ def run(p, args):
     print(f"{args.split} perplexity {row['ppl']:.2f} over {row['tokens']:,} tokens "
           f"(windows of {block_size}, attn={model.config.attn})")
     if teacher is not None:
-        print(f"{'model':<10} {'ppl':>9} {'ratio':>8}\n{format_row(model.config.attn, row)}")
+        print(f"{TABLE_HEADER}\n{format_row(model.config.attn, row)}")
+        if "kept_per_head" in row:
+            print(f"(mask statistics on the split's first 4 windows; late rows: the second half of each)")
     if args.plot:
         plot_attention(model, teacher, tokens, block_size, args.plot, args.layer, args.head)
     return row['ppl']
+
+
+# -----------------------------------------------------------------------------
+# text generation, and what a generated token costs
+
+def sample_text(model, prompt, max_new_tokens, temperature, top_k, seed, device):
+    """Print the prompt and its sampled continuation, and the decoding speed; returns the text."""
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode_ordinary(prompt)
+    block_size = model.config.block_size
+    if not 1 <= len(ids) < block_size:
+        raise ValueError(f"--sample: the prompt has {len(ids)} tokens; it needs 1 to {block_size - 1} "
+                         f"(the model's block_size is {block_size})")
+    new_tokens = min(max_new_tokens, block_size - len(ids))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    started = time.perf_counter()
+    out = model.generate(torch.tensor([ids], device=device), new_tokens, temperature, top_k, generator)
+    seconds = time.perf_counter() - started
+    text = tokenizer.decode(out[0, len(ids):].tolist())
+    print(prompt + text)
+    stop = f" (stopped at the model's block_size, {block_size} tokens)" if new_tokens < max_new_tokens else ""
+    print(f"\n[{new_tokens} tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tokens/s, prompt included, "
+          f"attn={model.config.attn}{stop}]")
+    return text
+
+
+@torch.no_grad()
+def time_decoding(method, context, new_tokens, device, dtype):
+    """Seconds per greedy token after a cached context of `context` random tokens, with an
+    OPT-125m-shaped model (random weights, positions for the context and the new tokens): dense
+    attention with its key/value cache, or SEA with its own. The prompt pass is not timed; the
+    peak memory is the whole process's (CUDA: allocated)."""
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    model = OPT(OPTConfig.preset("opt-125m", attn=method, block_size=context + new_tokens)).to(device).eval()
+    caches = [LayerCache() for _ in model.layers]
+    step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
+    with autocast_context(device, dtype):
+        token = step(torch.randint(0, model.config.vocab_size, (1, context), device=device))[:, -1:].argmax(-1)
+        synchronize()
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            token = step(token)[:, -1:].argmax(-1)
+        synchronize()
+    seconds = (time.perf_counter() - started) / new_tokens
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(seconds_per_token=seconds, peak_bytes=peak)
+
+
+def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
+    """Time per generated token after a context, and peak memory, dense with a key/value cache
+    against SEA with its cache; each figure from a child process of its own."""
+    print(f"decoding with a cache, OPT-125m shape (random weights), on {device_name(device)}, {dtype}: "
+          f"ms per generated token (averaged over {new_tokens}) / peak memory (MB)")
+    print(f"{'context':>8} {'dense':>20} {'sea':>20}")
+    records = []
+    for context in contexts:
+        cells = []
+        for method in ("dense", "sea"):
+            result = measure_in_child(dict(kind="decode", method=method, length=context, new_tokens=new_tokens,
+                                           device=device, dtype=dtype))
+            if not result:
+                cells.append(f"{'failed':>20}")
+                continue
+            records.append(dict(kind="decode", method=method, context=context, device=device_name(device),
+                                dtype=dtype, **result))
+            cells.append(f"{result['seconds_per_token'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}")
+        print(f"{context:>8} " + " ".join(cells), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
+        print(f"wrote {json_path}")
+    return records
 
 
 def main(argv=None):

@@ -75,3 +75,24 @@ def test_sampling_is_repeatable_and_checked():
 def test_generation_stops_at_the_block_size():
     model = tiny_model("dense", block_size=16)
     assert model.generate(torch.randint(0, 50257, (1, 10)), 100).shape == (1, 16)
+
+
+def test_sample_command_prints_the_continuation(tmp_path, capsys):
+    import eval as evaluate
+    model = tiny_model("sea", block_size=32).float()
+    torch.save(dict(model=model.state_dict(), config=model.config.to_dict()), tmp_path / "sea.pt")
+    text = evaluate.main(["--ckpt", str(tmp_path / "sea.pt"), "--sample", "The cat sat", "--max-new-tokens", "50",
+                          "--top-k", "5", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith("The cat sat" + text)
+    assert "tokens/s" in out and "stopped at the model's block_size" in out  # 3 prompt tokens + 29 new
+    with pytest.raises(SystemExit, match="prompt has 0 tokens"):
+        evaluate.main(["--ckpt", str(tmp_path / "sea.pt"), "--sample", ""])
+
+
+def test_decode_benchmark_runs_at_a_tiny_size(capsys):
+    import eval as evaluate
+    records = evaluate.main(["--bench-decode", "--bench-lengths", "16", "--max-new-tokens", "2", "--device", "cpu"])
+    assert {r["method"] for r in records} == {"dense", "sea"}
+    assert all(r["seconds_per_token"] > 0 and r["peak_bytes"] > 0 and r["context"] == 16 for r in records)
+    assert "ms per generated token" in capsys.readouterr().out
