@@ -307,10 +307,15 @@ class GatedSparseAttention(nn.Module):
 
         aux: kept_per_head (B, H, T), the keys each head kept in each row; with need_weights
         also kept_mask (B, H, T, T), and what the subclass adds for losses and pictures.
+        All rows at once when the T x T mask is wanted anyway (training, pictures); else in
+        chunks of rows, each carrying the DecodingState to the next, so memory stays O(T).
         """
         # full precision whatever autocast is on outside: the kept keys must not depend on it
         with torch.autocast(q.device.type, enabled=False):
-            out, aux, _ = self.attend(q, k, v, need_weights)
+            if need_weights or (torch.is_grad_enabled() and q.requires_grad):
+                out, aux, _ = self.attend(q, k, v, materialize=True)
+                return out, aux if need_weights else {"kept_per_head": aux["kept_per_head"]}
+            out, aux, _ = self.attend_in_chunks(q, k, v, 0, None)
         return out, aux
 
     def extend(self, q, k, v, start, state):
@@ -319,42 +324,40 @@ class GatedSparseAttention(nn.Module):
         start). Returns (out (B, H, R, D), the state after these rows): the same numbers as the
         rows of one full pass."""
         with torch.autocast(q.device.type, enabled=False):
-            out, _, state = self.attend(q, k, v, False, start, state)
+            out, _, state = self.attend_in_chunks(q, k, v, start, state)
         return out, state
 
-    def row_chunks(self, q, whole):
-        R = q.size(2)
-        step = R if whole else self.chunk_rows(q)
-        return [(first, min(first + step, R)) for first in range(0, R, step)]
+    def attend_in_chunks(self, q, k, v, start, state):
+        """attend, a chunk of rows at a time (chunk_rows), passing the state along."""
+        outs, kept = [], []
+        R, step = q.size(2), self.chunk_rows(q)
+        for first in range(0, R, step):
+            end = start + min(first + step, R)  # keys and values up to the chunk's last row
+            out, aux, state = self.attend(q[:, :, first:first + step], k[:, :, :end], v[:, :, :end],
+                                          False, start + first, state)
+            outs.append(out)
+            kept.append(aux["kept_per_head"])
+        return torch.cat(outs, dim=2), {"kept_per_head": torch.cat(kept, dim=2)}, state
 
     def chunk_rows(self, q):
         """Query rows per step at inference: SEAConfig.query_chunk bounds the memory."""
         return self.cfg.query_chunk
 
-    def attend(self, q, k, v, need_weights, start=0, state=None):
-        """The rows start .. T - 1 (q (B, H, R, D), k, v (B, H, T, D), T = start + R): (out, aux,
-        the DecodingState after them). A full pass is start = 0 with no state."""
+    def attend(self, q, k, v, materialize, start=0, state=None):
+        """All eight steps for the rows start .. T - 1 (q (B, H, R, D), k, v (B, H, T, D),
+        T = start + R): (out, aux, the DecodingState after them). A full pass is start = 0 with
+        no state. materialize: build the (B, H, R, T) kept-key mask (training, pictures)."""
         R, T = q.size(2), k.size(2)
         new_v = full_precision(v[:, :, start:])
         e, sums = self.encode(q, k[:, :, start:], new_v, start, state and state.sums)
         e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # the decoder's halo rows too
         e_start = start - (e_rows.size(2) - R)  # the position of e_rows' first row
-        # all rows at once when the T x T mask is wanted anyway (training, pictures); else in chunks
-        materialize = need_weights or (torch.is_grad_enabled() and q.requires_grad)
-        contexts, auxes = [], []
-        for first, last in self.row_chunks(q, whole=materialize):
-            context, aux = self.attend_rows(q[:, :, first:last], k, v, e_rows, e_start, start + first,
-                                            materialize)  # steps 3-7
-            contexts.append(context)
-            auxes.append(aux)
+        context, aux = self.attend_rows(q, k, v, e_rows, e_start, start, materialize)  # steps 3-7
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, R) each
-        sparse = torch.cat(contexts, dim=2) * g0.unsqueeze(-1)
         v_sum = new_v.cumsum(dim=2) + (state.v_sum if state is not None else 0)  # sum of v_j, j <= i
         running_mean = v_sum / torch.arange(start + 1, T + 1, device=v.device)[:, None]
-        out = g1.unsqueeze(-1) * sparse + (1 - g1.unsqueeze(-1)) * running_mean  # step 8
-        aux = {name: torch.cat([a[name] for a in auxes], dim=2) for name in auxes[0]}  # (B, H, R, ...)
-        if not need_weights:
-            aux = {"kept_per_head": aux["kept_per_head"]}
+        g0, g1 = g0.unsqueeze(-1), g1.unsqueeze(-1)
+        out = g1 * g0 * context + (1 - g1) * running_mean  # steps 7 (the gate) and 8
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:])
         return out.to(v.dtype), aux, state
 
@@ -404,7 +407,7 @@ class SEAAttention(GatedSparseAttention):
         return use_kernel
 
     def chunk_rows(self, q):
-        return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk
+        return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
 
     def attend_rows(self, q, k, v, e, e_start, row0, materialize):
         T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)

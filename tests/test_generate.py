@@ -50,7 +50,7 @@ def test_sea_decoding_keeps_the_bins_of_the_full_pass():
     attention = SEAAttention(3, 16, 64, SEAConfig(k=2, predictor_length=8)).double().eval()
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
-        _, full_aux, _ = attention.attend(q, k, v, need_weights=True)
+        _, full_aux, _ = attention.attend(q, k, v, materialize=True)
         _, prompt_aux, state = attention.attend(q[:, :, :10], k[:, :, :10], v[:, :, :10], True)
         kept = [prompt_aux["kept_bins"]]
         for i in range(10, 40):
