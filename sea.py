@@ -7,7 +7,8 @@ keys only. The steps follow the paper (and ../shared/SEA.md section 3):
 
   1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
   2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
-  3. decode            a small causal CNN turns e into compressed scores s_hat
+  3. decode            a small causal CNN turns e into compressed scores s_hat (an option
+                       beyond the paper adds each bin's mean logit q . mean(k): pooled_keys)
   4. probabilities     p_hat = softmax(s_hat) over the M bins
   5. grouped top-k     keep the best bins of all heads together, a budget per row
   6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, key)
@@ -16,7 +17,10 @@ keys only. The steps follow the paper (and ../shared/SEA.md section 3):
 
 Shapes: B batch, H heads, T sequence, D head dim, M bins, R query rows of a chunk.
 At inference nothing here is T x T but the helpers for the loss and pictures at the
-bottom; training runs step 7 as a masked dense softmax, as the loss is T x T anyway.
+bottom: the rows go a chunk at a time, each chunk handing the next the state it needs
+(the same state that decoding one token at a time keeps). Training runs step 7 as a
+masked dense softmax, as the distillation loss is T x T anyway. `python sea.py` walks
+through the steps on a small input.
 """
 
 import math
@@ -33,8 +37,8 @@ class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
     predictor_length: int = 256  # M = T_M, the width of a compressed attention row
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
-    query_chunk: int = 256  # query rows per step-3..7 chunk at inference (bounds memory)
-    use_kernel: Optional[bool] = None  # Triton sparse attention: None = on CUDA at inference
+    query_chunk: int = 256  # query rows per step at inference, all eight steps (bounds memory)
+    use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
     gate_bias: float = 3.0  # initial bias of the gates (g0, g1): sigmoid(3) = 0.95
     key_jitter: float = 0.0  # training: move keys by up to this much before binning, in 10% of calls
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
