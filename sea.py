@@ -401,14 +401,9 @@ class SEAAttention(GatedSparseAttention):
         return s_hat
 
     def uses_kernel(self, q):
-        """The Triton path (kernel.py): SEAConfig.use_kernel, by default on CUDA at inference."""
-        use_kernel = q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
-        if use_kernel and torch.is_grad_enabled() and q.requires_grad:
-            if self.cfg.use_kernel:
-                raise ValueError("SEAConfig(use_kernel=True) has no backward pass: train with "
-                                 "use_kernel=None or False, or run under torch.no_grad()")
-            return False
-        return use_kernel
+        """The Triton kernels (kernel.py): SEAConfig.use_kernel, by default on CUDA. They never
+        need a backward pass: selection passes no gradient, and training runs step 7 masked."""
+        return q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
 
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
@@ -417,11 +412,11 @@ class SEAAttention(GatedSparseAttention):
         T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
         rows = torch.arange(row0, row0 + R, device=q.device)
         s_hat = self.compressed_scores(q, k, e, e_start, row0)  # step 3
-        p_hat = s_hat.softmax(-1)  # step 4
-        if self.uses_kernel(q) and not materialize:  # steps 5-7 in two Triton kernels, no host sync
+        p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
+        if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
             from kernel import select_bins, sparse_attention_blocks
             keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, M))
-            context = sparse_attention_blocks(q, k, v, keep, row0)
+            context = None if materialize else sparse_attention_blocks(q, k, v, keep, row0)
         else:
             keep = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
             context = None if materialize else sparse_attention(q, k, v, keep, row0)  # steps 6-7
