@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
 from model import OPT, DenseAttention, LayerCache, OPTConfig, load_model
-from sea import PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map
+from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, grouped_topk, kept_key_mask,
+                 key_bins)
 
 MASKED_KINDS = ("sea", "window")  # students whose kept keys can be compared with the teacher's attention
 
@@ -97,11 +98,21 @@ def same_count_recalls(probs, kept_mask, counts):
     return recall, row_total - outside, oracle
 
 
+def perfect_estimate_recall(probs, k, bins):
+    """The recall SEA's bins allow: the grouped top-k of step 5 run on the teacher's own attention
+    mass per bin, as if the estimate were perfect. probs (B, H, T, T) -> (B, H, T)."""
+    B, H, T, _ = probs.shape
+    rows = torch.arange(T, device=probs.device)
+    mass = probs.new_zeros(B, H, T, bins).scatter_add_(-1, key_bins(rows, T, bins).expand(B, H, T, T), probs)
+    return (probs * kept_key_mask(grouped_topk(mass, rows, k))).sum(-1)
+
+
 def mask_statistics(student, teacher, tokens, block_size, windows=4):
     """Kept keys per query per head and mask recall, over all rows and over the second half of
     each window (where SEA is sparse), on the split's first `windows` windows. Recall is the share
     of the teacher's attention mass on the kept keys; beside it, the same number of keys per
-    (head, row) taken as the most recent ones (window) and as the teacher's own top keys (oracle)."""
+    (head, row) taken as the most recent ones (window) and as the teacher's own top keys (oracle),
+    and the recall SEA's budget and bins would give with a perfect estimate (best_estimate)."""
     device = next(student.parameters()).device  # the teacher must be on the same device
     idx = sample_windows(tokens, block_size, windows).to(device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
@@ -111,8 +122,10 @@ def mask_statistics(student, teacher, tokens, block_size, windows=4):
     for t_layer, s_layer in zip(teacher_layers, student_layers):
         counts = s_layer["kept_per_head"]  # (B, H, T)
         recall, window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts)
-        measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths,
-                        recall=recall, window_recall=window, oracle_recall=oracle)
+        sea = student.config.sea
+        best = perfect_estimate_recall(t_layer["probs"], sea.k, sea.predictor_length)
+        measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths, recall=recall,
+                        window_recall=window, oracle_recall=oracle, best_estimate_recall=best)
         stats = {}
         for name, value in measures.items():
             stats[name] = value.mean().item()
@@ -126,7 +139,8 @@ def format_mask_statistics(stats):
             f"{100 * stats['kept_fraction_late']:.1f}% of the row) | recall {stats['recall']:.3f} "
             f"(late {stats['recall_late']:.3f}) | same-count window {stats['window_recall']:.3f} "
             f"({stats['window_recall_late']:.3f}) | oracle {stats['oracle_recall']:.3f} "
-            f"({stats['oracle_recall_late']:.3f})")
+            f"({stats['oracle_recall_late']:.3f}) | perfect estimate {stats['best_estimate_recall']:.3f} "
+            f"({stats['best_estimate_recall_late']:.3f})")
 
 
 def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0):

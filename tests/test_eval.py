@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import eval as evaluate
 from model import OPT, OPTConfig
+from sea import grouped_topk, kept_key_mask
 
 
 def test_perplexity_is_exp_mean_nll():
@@ -46,3 +47,16 @@ def test_recall_window_and_oracle_on_a_hand_made_map():
     torch.testing.assert_close(recall, torch.tensor([[[1.0, 0.0, 0.3, 0.5]]]))
     torch.testing.assert_close(window, torch.tensor([[[1.0, 0.0, 0.8, 0.3]]]))  # row 2: keys 1, 2
     torch.testing.assert_close(oracle, torch.tensor([[[1.0, 0.0, 0.9, 0.5]]]))  # row 2: keys 1, 0
+
+
+def test_a_perfect_estimate_keeps_the_bins_with_the_most_teacher_mass():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 40, 40) * 4
+    probs = logits.masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    best = evaluate.perfect_estimate_recall(probs, k=2, bins=8)
+    assert torch.allclose(best[:, :, :4], torch.ones(1, 2, 4))  # rows up to sqrt(k M) = 4 keys long are dense
+    # no other choice of as many (head, bin) cells per row holds more mass, over the heads together
+    rows = torch.arange(40)
+    for seed in range(5):
+        random_keep = grouped_topk(torch.rand(1, 2, 40, 8, generator=torch.Generator().manual_seed(seed)), rows, 2)
+        assert ((probs * kept_key_mask(random_keep)).sum(dim=(1, 3)) <= best.sum(1) + 1e-5).all()
