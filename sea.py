@@ -353,14 +353,13 @@ class GatedSparseAttention(nn.Module):
         no state. materialize: build the (B, H, R, T) kept-key mask (training, pictures)."""
         R, T = q.size(2), k.size(2)
         new_v = full_precision(v[:, :, start:])
-        e, sums = self.encode(q, k[:, :, start:], new_v, start, state and state.sums)
+        e, sums = self.encode(q, k[:, :, start:], new_v, start, None if state is None else state.sums)
         e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # the decoder's halo rows too
         e_start = start - (e_rows.size(2) - R)  # the position of e_rows' first row
         context, aux = self.attend_rows(q, k, v, e_rows, e_start, start, materialize)  # steps 3-7
-        g0, g1 = torch.sigmoid(full_precision(self.gates(e))).unbind(-1)  # (B, H, R) each
-        v_sum = new_v.cumsum(dim=2) + (state.v_sum if state is not None else 0)  # sum of v_j, j <= i
+        g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
+        v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i
         running_mean = v_sum / torch.arange(start + 1, T + 1, device=v.device)[:, None]
-        g0, g1 = g0.unsqueeze(-1), g1.unsqueeze(-1)
         out = g1 * g0 * context + (1 - g1) * running_mean  # steps 7 (the gate) and 8
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:])
         return out.to(v.dtype), aux, state
@@ -414,7 +413,7 @@ class SEAAttention(GatedSparseAttention):
         s_hat = self.compressed_scores(q, k, e, e_start, row0)  # step 3
         p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
         if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
-            from kernel import select_bins, sparse_attention_blocks
+            from kernel import select_bins, sparse_attention_blocks  # Triton is optional: import when used
             keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, M))
             context = None if materialize else sparse_attention_blocks(q, k, v, keep, row0)
         else:
@@ -454,7 +453,8 @@ def pooled_key_scores(q, k, rows, bins):
     """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
     `rows`: (B, H, R, M), 0 for empty bins. An option beyond
     the paper (SEAConfig.pooled_keys): it tells the estimate which bins hold keys the query matches.
-    From prefix sums of the keys, so O(R M D) work: prefix[e] is the sum of keys 0..e-1."""
+    From prefix sums of the keys, so O(R M D) work beside the O(T D) sums (redone at every
+    decoding step: the option costs decoding a pass over the keys): prefix[e] sums keys 0..e-1."""
     q, k = full_precision(q), full_precision(k)
     prefix = F.pad(k.cumsum(2), (0, 0, 1, 0))  # (B, H, T + 1, D)
     edges = bin_edges(rows, bins)  # (R, M + 1)
