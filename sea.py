@@ -303,7 +303,8 @@ class GatedSparseAttention(nn.Module):
         B, H, R, D = v.shape
         q, k, v = full_precision(q), full_precision(k), full_precision(v)
         positions = self.positions[start:start + R].expand(B, H, R, D).to(v.dtype)
-        c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums)
+        c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums,
+                                          chunk=self.linear_chunk(q))
         return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
 
     def forward(self, q, k, v, need_weights=False):
@@ -346,6 +347,10 @@ class GatedSparseAttention(nn.Module):
     def chunk_rows(self, q):
         """Query rows per step at inference: SEAConfig.query_chunk bounds the memory."""
         return self.cfg.query_chunk
+
+    def linear_chunk(self, q):
+        """Rows per block of the linear attention's prefix sums (step 1)."""
+        return 128
 
     def attend(self, q, k, v, materialize, start=0, state=None):
         """All eight steps for the rows start .. T - 1 (q (B, H, R, D), k, v (B, H, T, D),
@@ -406,6 +411,9 @@ class SEAAttention(GatedSparseAttention):
 
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
+
+    def linear_chunk(self, q):
+        return 1024 if self.uses_kernel(q) else 128  # on a GPU, fewer and larger matmuls
 
     def attend_rows(self, q, k, v, e, e_start, row0, materialize):
         T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
