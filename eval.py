@@ -222,12 +222,17 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     return row
 
 
-TABLE_HEADER = (f"{'method':<12} {'ppl':>8} {'ratio':>6}   {'kept keys/head':>14}   recall (late rows):"
-                f" {'kept':>5} {'window':>6} {'oracle':>6}   all rows: {'kept':>5}")
+def table_header(mask_statistics=True):
+    """The header of format_row's table, with the mask statistics' columns or without."""
+    header = f"{'method':<12} {'ppl':>8} {'ratio':>6}"
+    if mask_statistics:
+        header += (f"   {'kept keys/head':>14}   recall (late rows): {'kept':>5} {'window':>6} {'oracle':>6}"
+                   f"   all rows: {'kept':>5}")
+    return header
 
 
 def format_row(name, row):
-    """One line of TABLE_HEADER's table: perplexity, ratio to the teacher, mask statistics."""
+    """One line of table_header's table: perplexity, ratio to the teacher, mask statistics."""
     text = f"{name:<12} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
     if "kept_per_head" in row:
         kept = f"{row['kept_per_head_late']:.1f} ({100 * row['kept_fraction_late']:.1f}%)"
@@ -583,7 +588,7 @@ def evaluate_model(p, args, model):
     print(f"{args.split} perplexity {row['ppl']:.2f} over {row['tokens']:,} tokens "
           f"(windows of {block_size}, attn={model.config.attn})")
     if teacher is not None:
-        print(f"{TABLE_HEADER}\n{format_row(model.config.attn, row)}")
+        print(f"{table_header('kept_per_head' in row)}\n{format_row(model.config.attn, row)}")
         if "kept_per_head" in row:
             print(f"(mask statistics on the split's first 4 windows; late rows: the second half of each)")
     if args.plot:

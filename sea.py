@@ -39,8 +39,6 @@ class SEAConfig:
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
     query_chunk: int = 256  # query rows per step at inference, all eight steps (bounds memory)
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
-    gate_bias: float = 3.0  # initial bias of the gates (g0, g1): sigmoid(3) = 0.95
-    key_jitter: float = 0.0  # training: move keys by up to this much before binning, in 10% of calls
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
 
     def __post_init__(self):
@@ -53,8 +51,6 @@ class SEAConfig:
             raise ValueError(f"SEAConfig.nbf={self.nbf} must be positive")
         if self.query_chunk < 1:
             raise ValueError(f"SEAConfig.query_chunk={self.query_chunk} must be >= 1")
-        if self.key_jitter < 0:
-            raise ValueError(f"SEAConfig.key_jitter={self.key_jitter} must be >= 0")
 
 
 def full_precision(x):
@@ -295,7 +291,7 @@ class GatedSparseAttention(nn.Module):
         self.positions = nn.Parameter(torch.randn(max_positions, D))  # P, step 1
         self.encoder = nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
-        nn.init.constant_(self.gates.bias, cfg.gate_bias)
+        nn.init.constant_(self.gates.bias, 3.0)  # sigmoid(3) = 0.95: start close to plain sparse attention
 
     def encode(self, q, k, v, start=0, sums=None):
         """Steps 1-2 for the rows start .. start + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
@@ -429,15 +425,10 @@ class SEAAttention(GatedSparseAttention):
             context = None if materialize else sparse_attention(q, k, v, keep, row0)  # steps 6-7
         aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep, scores=s_hat)
         if materialize:  # step 7 as a masked dense softmax, with the T x T mask at hand
-            bins = key_bins(rows, T, M, jitter=self.cfg.key_jitter if self.jitter_now() else 0.0)  # (R, T)
-            mask = kept_key_mask(keep, row0, T, bins)
-            aux.update(kept_mask=mask, key_bins=bins.expand(1, 1, -1, -1))
+            mask = kept_key_mask(keep, row0, T)
+            aux.update(kept_mask=mask)
             context = masked_attention(q, k, v, mask)
         return context, aux
-
-    def jitter_now(self):
-        """The official recipe moves keys across bin borders in 10% of training calls."""
-        return self.training and self.cfg.key_jitter > 0 and torch.rand(()).item() < 0.1
 
 
 class WindowAttention(GatedSparseAttention):
@@ -488,17 +479,11 @@ def kept_keys_per_head(kept_bins, rows):
 # -----------------------------------------------------------------------------
 # T x T views: for the masks of training, the estimate loss, tests and pictures
 
-def key_bins(rows, T, bins, jitter=0.0):
-    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped).
-
-    With jitter > 0, each key's position first moves by a uniform offset in [-jitter, jitter]
-    (the official training recipe's noise on bin borders)."""
+def key_bins(rows, T, bins):
+    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
     i = rows[:, None]
     j = torch.arange(T, device=rows.device)[None, :]
-    if jitter == 0:
-        return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
-    moved = j + (torch.rand(len(rows), T, device=rows.device) * 2 - 1) * jitter
-    return torch.floor((moved + 0.5) * bins / (i + 1)).long().clamp(0, bins - 1)
+    return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
 
 
 def causal_mask(rows, T):
@@ -516,22 +501,20 @@ def estimated_attention_map(scores):
     """s_hat (B, H, T, M) -> the estimated attention (B, H, T, T): bins spread to keys, softmaxed."""
     B, H, T, M = scores.shape
     rows = torch.arange(T, device=scores.device)
-    spread = scores.float().gather(-1, key_bins(rows, T, M).expand(B, H, T, T))
+    spread = full_precision(scores).gather(-1, key_bins(rows, T, M).expand(B, H, T, T))
     return spread.masked_fill(~causal_mask(rows, T), float("-inf")).softmax(-1)
 
 
-def kept_key_mask(kept_bins, row0=0, T=None, bins=None):
-    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i.
-    `bins` (R, T) maps keys to bins (default: key_bins, no jitter)."""
+def kept_key_mask(kept_bins, row0=0, T=None):
+    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i."""
     B, H, R, M = kept_bins.shape
     T = T or row0 + R
     rows = torch.arange(row0, row0 + R, device=kept_bins.device)
-    bins = key_bins(rows, T, M) if bins is None else bins
-    mask = kept_bins.gather(-1, bins.expand(B, H, R, T))
+    mask = kept_bins.gather(-1, key_bins(rows, T, M).expand(B, H, R, T))
     return mask & causal_mask(rows, T)
 
 
-def estimate_loss(scores, target, bins):
+def estimate_loss(scores, target):
     """SEA's estimate loss, 0.1 KL(target || estimate) + MSE(estimate, target), computed per bin.
 
     The estimated map (estimated_attention_map) gives every key of bin c of row i the probability
@@ -539,12 +522,12 @@ def estimate_loss(scores, target, bins):
     log_softmax, and both terms need only each bin's key count w and teacher mass a:
         KL  = sum_j t_j log t_j - sum_c a_c log p_c           (per row, averaged over rows)
         MSE = sum_c w_c p_c^2 - 2 sum_c a_c p_c + sum_j t_j^2  (summed, over all T x T entries)
-    scores (B, H, T, M) s_hat; target (B, H, T, T) causal probabilities; bins (.., T, T) key bins.
-    Equal to the same terms on the (B, H, T, T) estimated map, without building it.
+    scores (B, H, T, M) s_hat; target (B, H, T, T) causal probabilities. Equal to the same terms
+    on the (B, H, T, T) estimated map, without building it.
     """
     B, H, T, M = scores.shape
     rows = torch.arange(T, device=scores.device)
-    bins = bins.expand(B, H, T, T)
+    bins = key_bins(rows, T, M).expand(B, H, T, T)
     visible = causal_mask(rows, T).to(target.dtype)
     w = torch.zeros(T, M, dtype=target.dtype, device=scores.device).scatter_add_(-1, bins[0, 0], visible)
     a = torch.zeros_like(scores, dtype=target.dtype).scatter_add_(-1, bins, target)  # future keys: 0 mass

@@ -32,7 +32,7 @@ from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negat
                   positive_float, positive_int)
 from model import OPT, OPTConfig, PRESETS, is_hub_name, load_model, read_checkpoint
 from reformer import ReformerConfig
-from sea import SEAConfig, estimate_loss, full_precision, key_bins
+from sea import SEAConfig, estimate_loss, full_precision
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -68,7 +68,7 @@ def build_student(args):
 
 def sea_config(args):
     return SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf,
-                     gate_bias=args.gate_bias, key_jitter=args.key_jitter, pooled_keys=args.pooled_keys)
+                     pooled_keys=args.pooled_keys)
 
 
 def recipe(args):
@@ -184,7 +184,7 @@ class Objective(nn.Module):
         A = teacher["probs"]
         terms = {}
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
-            terms["estimate"] = estimate_loss(student["scores"], A, student["key_bins"])
+            terms["estimate"] = estimate_loss(student["scores"], A)
         terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], A)
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
@@ -254,15 +254,14 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     for group in optimizer.param_groups:
         group["lr"] = args.estimator_lr
     generator = torch.Generator().manual_seed(args.seed + 1)
-    T, M = args.block_size, args.predictor_length
-    bins = key_bins(torch.arange(T, device=device), T, M)
+    T = args.block_size
     student.train()
     started = time.time()
     for it in range(1, args.estimator_iters + 1):
         x, _ = get_batch(train_tokens, args.batch_size, T, generator, device)
         with torch.no_grad(), autocast_context(device, args.dtype):
             _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
-        losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"], bins)
+        losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"])
                   for mechanism, layer in zip(mechanisms, layers)]
         loss = mean(losses)
         loss.backward()
@@ -421,10 +420,6 @@ def parse_args(argv):
     p.add_argument("--attention-terms", action=argparse.BooleanOptionalAction,
                    help="the per-layer attention loss terms (default on; off for performer/reformer, "
                         "as the official code trains them)")
-    p.add_argument("--gate-bias", type=float, default=SEAConfig.gate_bias,
-                   help="SEA/window: initial bias of the gates g0, g1")
-    p.add_argument("--key-jitter", type=non_negative_float, default=SEAConfig.key_jitter,
-                   help="SEA: in 10%% of training calls, move keys by up to this much before binning")
     p.add_argument("--pooled-keys", action="store_true",
                    help="SEA, beyond the paper: the estimate adds each bin's mean logit q . mean(k)")
     p.add_argument("--estimator-iters", type=non_negative_int, default=0,
@@ -532,7 +527,7 @@ def demo():
     rows["sea+pooled"] = evaluate.describe(student.to(device), teacher, tokens, block, 8, device, "float32",
                                            teacher_ppl=rows["dense"]["ppl"])
     print(f"\nWikiText-2 test, windows of {block} tokens, {time.time() - started:.0f}s in all")
-    print(evaluate.TABLE_HEADER)
+    print(evaluate.table_header())
     for name, row in rows.items():
         print(evaluate.format_row(name, row))
     print("recall: the teacher's attention mass on the kept keys, on the first 4 test windows; window and "

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from model import OPT, OPTConfig
 from sea import (CompressedScoreDecoder, SEAAttention, SEAConfig, WindowAttention, causal_linear_attention, decompress,
-                 estimate_loss, estimated_attention_map, grouped_topk, kept_key_mask, key_bins, masked_attention,
+                 estimate_loss, estimated_attention_map, grouped_topk, kept_key_mask, masked_attention,
                  row_budget, sparse_attention)
 
 
@@ -21,6 +21,11 @@ def formula_key_mask(keep):
         for j in range(i + 1):
             mask[:, :, i, j] = keep[:, :, i, math.floor((j + 0.5) * M / (i + 1))]
     return mask
+
+
+def formula_key_bins(T, M):
+    """(T, T): floor((j + 0.5) M / (i + 1)) for keys j <= i, by the letter."""
+    return torch.tensor([[min(M - 1, math.floor((j + 0.5) * M / (i + 1))) for j in range(T)] for i in range(T)])
 
 
 def masked_dense_attention(q, k, v, mask):
@@ -110,7 +115,7 @@ def test_sea_attention_module_steps_7_and_8():
     expected = g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean
     torch.testing.assert_close(out, expected)
     estimate = estimated_attention_map(aux["scores"])
-    torch.testing.assert_close(estimate.sum(-1), torch.ones(B, H, T, dtype=torch.float32))
+    torch.testing.assert_close(estimate.sum(-1), torch.ones(B, H, T, dtype=torch.float64))
     assert estimate.triu(1).abs().max() == 0
 
 
@@ -194,49 +199,26 @@ def test_window_control_keeps_each_heads_most_recent_keys():
         torch.testing.assert_close(attention.eval()(q, kk, v)[0], out)
 
 
-def direct_estimate_loss(scores, target, bins):
-    """The estimate loss on the (B, H, T, T) estimated map itself, log-probabilities by log_softmax."""
+def direct_estimate_loss(scores, target):
+    """The estimate loss on the (B, H, T, T) estimated map itself: bins spread to keys, log_softmax."""
     B, H, T, M = scores.shape
-    spread = scores.gather(-1, bins.expand(B, H, T, T))
+    spread = scores.gather(-1, formula_key_bins(T, M).expand(B, H, T, T))
     log_estimate = spread.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).log_softmax(-1)
+    torch.testing.assert_close(log_estimate.exp(), estimated_attention_map(scores))
     kl = (torch.xlogy(target, target) - torch.where(target > 0, target * log_estimate, 0.0)).sum(-1).mean()
-    return 0.1 * kl + torch.nn.functional.mse_loss(log_estimate.exp(), target)
+    return 0.1 * kl + F.mse_loss(log_estimate.exp(), target)
 
 
-@pytest.mark.parametrize("jitter", [0.0, 0.75])
-def test_estimate_loss_per_bin_equals_the_direct_computation(jitter):
+def test_estimate_loss_per_bin_equals_the_direct_computation():
     torch.manual_seed(0)
     B, H, T, M = 2, 3, 70, 16
     scores = torch.randn(B, H, T, M, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(B, H, T, T, dtype=torch.float64) * 3
     target = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    bins = key_bins(torch.arange(T), T, M, jitter=jitter)
-    ours, direct = estimate_loss(scores, target, bins), direct_estimate_loss(scores, target, bins)
+    ours, direct = estimate_loss(scores, target), direct_estimate_loss(scores, target)
     torch.testing.assert_close(ours, direct)
     torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(direct, scores)[0])
-    # the loss is the estimated map's: with no jitter, estimated_attention_map gives the same numbers
-    if jitter == 0:
-        estimate = estimated_attention_map(scores.detach()).double()
-        torch.testing.assert_close(estimate, direct_log_estimate_exp(scores.detach(), bins))
 
-
-def direct_log_estimate_exp(scores, bins):
-    B, H, T, M = scores.shape
-    spread = scores.gather(-1, bins.expand(B, H, T, T))
-    return spread.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-
-
-def test_key_jitter_moves_keys_by_at_most_one_bin_and_only_in_training():
-    rows = torch.arange(200)
-    plain, moved = key_bins(rows, 200, 16), key_bins(rows, 200, 16, jitter=0.75)
-    visible = torch.ones(200, 200, dtype=torch.bool).tril()
-    visible[:32] = False  # from row 31 on a bin holds at least 2 keys: 0.75 keys crosses one border at most
-    assert (plain - moved)[visible].abs().max() == 1 and (plain != moved)[visible].any()
-    assert moved.min() >= 0 and moved.max() <= 15
-    attention = SEAAttention(2, 8, 64, SEAConfig(k=2, predictor_length=16, key_jitter=0.75))
-    assert not attention.eval().jitter_now()
-    torch.manual_seed(0)
-    assert 0.05 < sum(attention.train().jitter_now() for _ in range(1000)) / 1000 < 0.15
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
