@@ -248,17 +248,20 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     """Phase 1 (--estimator-iters N): train only SEA's estimator (P, encoder, decoder of every
     layer) on the estimate loss, from the teacher's own q, k, v and attention maps, layer by layer.
     No student forward pass and no output layer, so a step costs a fraction of a distillation step.
-    Constant learning rate --estimator-lr, AdamW."""
+    Constant learning rate --estimator-lr, AdamW. With --estimator-overfit every step trains on
+    the 4 validation windows the recall is measured on (the over-fit test)"""
     mechanisms = [block.self_attn.mechanism for block in student.layers]
     optimizer = make_optimizer(student, args, only=is_estimator_parameter)
     for group in optimizer.param_groups:
         group["lr"] = args.estimator_lr
     generator = torch.Generator().manual_seed(args.seed + 1)
     T = args.block_size
+    measured_windows = evaluate.sample_windows(val_tokens, T, 4).to(device)  # where recall is measured
     student.train()
     started = time.time()
     for it in range(1, args.estimator_iters + 1):
-        x, _ = get_batch(train_tokens, args.batch_size, T, generator, device)
+        x = measured_windows if args.estimator_overfit else get_batch(train_tokens, args.batch_size, T,
+                                                                       generator, device)[0]
         with torch.no_grad(), autocast_context(device, args.dtype):
             _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
         losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"])
@@ -339,6 +342,12 @@ def train(args):
         history.write_text("")
     if args.estimator_iters and checkpoint is None:  # phase 1, before DDP copies rank 0's weights
         warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master, history)
+        if args.estimator_overfit:
+            if master:
+                print(f"over-fit test done (no distillation, no checkpoint); its recall is in {history}")
+            if world > 1:
+                torch.distributed.destroy_process_group()
+            return None
     ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -426,6 +435,9 @@ def parse_args(argv):
                    help="SEA: first train the estimator alone for this many steps (0 = off)")
     p.add_argument("--estimator-lr", type=positive_float,
                    help="SEA: learning rate of the estimator warm-up (default 10 x --lr)")
+    p.add_argument("--estimator-overfit", action="store_true",
+                   help="SEA, the over-fit test: the warm-up trains on the very validation windows its "
+                        "recall is measured on, then the run stops (no distillation, no checkpoint)")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
     p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
@@ -479,6 +491,8 @@ def fill_defaults(args, parser):
         parser.error(str(e))
     if args.estimator_iters and args.method != "sea":
         parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
+    if args.estimator_overfit and not args.estimator_iters:
+        parser.error("--estimator-overfit trains the warm-up on fixed windows: give it --estimator-iters N")
     args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
     args.max_iters = args.max_iters or (600 if args.method == "dense" else 250)
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else args.max_iters // 12

@@ -138,3 +138,24 @@ def test_history_and_recall_curves(wikitext, teacher_path, tmp_path):
     assert entries[-1]["tokens"] == 2 * 2 * 64 and 0 < entries[-1]["recall_late"] <= entries[-1]["recall"] <= 1
     evaluate.main(["--curves", str(out / "history.jsonl"), "--plot", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_estimator_overfit_trains_on_the_measured_windows_and_stops(wikitext, teacher_path, tmp_path, capsys,
+                                                                     monkeypatch):
+    def no_training_batches(*args, **kwargs):
+        raise AssertionError("the over-fit test must train on the measured validation windows only")
+    monkeypatch.setattr(train, "get_batch", no_training_batches)
+    out = tmp_path / "overfit"
+    common = ["--method", "sea", "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--out-dir", str(out),
+              "--batch-size", "2", "--block-size", "64", "--k", "4", "--predictor-length", "16",
+              "--dtype", "float32", "--estimator-lr", "1e-2", "--log-interval", "1"]
+    train.main(common + ["--estimator-iters", "12", "--eval-interval", "12", "--estimator-overfit"])
+    assert not (out / "ckpt.pt").exists()  # a diagnostic: no distillation, no checkpoint
+    log = capsys.readouterr().out
+    losses = [float(line.split("estimate loss ")[1].split()[0]) for line in log.splitlines()
+              if line.startswith("estimator ") and "estimate loss" in line]
+    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]  # one fixed batch: the loss must fall
+    assert [e["step"] for e in evaluate.read_history(out / "history.jsonl")] == [12]
+    with pytest.raises(SystemExit):
+        train.main(common + ["--estimator-overfit"])
+    assert "--estimator-iters" in capsys.readouterr().err
