@@ -37,7 +37,8 @@ class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
     predictor_length: int = 256  # M = T_M, the width of a compressed attention row
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
-    query_chunk: int = 256  # query rows per step at inference, all eight steps (bounds memory)
+    query_chunk: int = 128  # query rows per step at inference, all eight steps (bounds memory; on a
+    # CPU smaller chunks are also faster: their gathered keys stay in cache)
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
 
@@ -195,13 +196,21 @@ def grouped_topk(p_hat, rows, k):
     empty = bin_widths(rows, M) == 0  # (R, M)
     cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * M)
     budget = row_budget(rows, H, k, M)  # (R,)
-    # a stable sort, not topk: the x4 upsample makes bins tie in groups of four, and ties
-    # must go the same way (lower cell first) however many rows a chunk holds
-    top = cells.sort(dim=-1, descending=True, stable=True).indices[..., :int(budget.max())]  # (B, R, n_max)
+    top = rank_keys(cells).topk(int(budget.max()), dim=-1).indices  # (B, R, n_max)
     in_budget = torch.arange(top.size(-1), device=rows.device) < budget[:, None]  # (R, n_max)
     keep = torch.zeros(B, R, H * M, dtype=torch.bool, device=rows.device)
     keep.scatter_(-1, top, in_budget.expand(B, R, -1))
     return keep.view(B, R, H, M).transpose(1, 2)
+
+
+def rank_keys(cells):
+    """(..., C) probabilities, -1 for empty cells -> unique int64 keys in the same order, ties to the
+    lower cell (the x4 upsample makes bins tie in groups of four, and ties must go the same way
+    however many rows a chunk holds). kernel.select_bins ranks by the same keys."""
+    C = cells.size(-1)
+    bits = cells.float().clamp_min(0).view(torch.int32).long() + 1  # p >= 0: its bits order like p
+    value = torch.where(cells < 0, 0, bits)  # empty cells rank last
+    return value * C + (C - 1 - torch.arange(C, device=cells.device))
 
 
 def decompress(keep, rows):
@@ -230,16 +239,16 @@ def sparse_attention(q, k, v, keep, row0):
     the extra slots masked), so scores and outputs are small batched matmuls.
     """
     B, H, R, _ = keep.shape
-    T, D = k.shape[-2:]
+    D = k.size(-1)
     b, h, r, start, length = decompress(keep, torch.arange(row0, row0 + R, device=q.device))
     slot = torch.arange(int(length.max()), device=q.device)  # (W,)
     in_bin = slot < length[:, None]  # (cells, W)
     head = b * H + h  # which (batch, head) slice of q, k, v
-    key_rows = (head * T + start)[:, None] + torch.where(in_bin, slot, 0)  # flat rows of k, v
-    gather = lambda x, index: full_precision(x.reshape(-1, D).index_select(0, index.flatten()))
-    keys = gather(k, key_rows).view(*key_rows.shape, D)  # (cells, W, D)
-    values = gather(v, key_rows).view(*key_rows.shape, D)
-    queries = gather(q, head * R + r)  # (cells, D)
+    key_pos = start[:, None] + torch.where(in_bin, slot, 0)  # (cells, W) key positions
+    # flatten(0, 1) is a view even when k, v are the first rows of longer tensors: no copy of all keys
+    keys = full_precision(k.flatten(0, 1)[head[:, None], key_pos])  # (cells, W, D)
+    values = full_precision(v.flatten(0, 1)[head[:, None], key_pos])
+    queries = full_precision(q.flatten(0, 1)[head, r])  # (cells, D)
     scores = (keys @ queries[:, :, None]).squeeze(-1).masked_fill(~in_bin, float("-inf"))  # (cells, W)
 
     # one softmax per (batch, head, row) across all of its cells
