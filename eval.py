@@ -33,6 +33,7 @@ from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attentio
                  key_bins)
 
 MASKED_KINDS = ("sea", "window")  # students whose kept keys can be compared with the teacher's attention
+RECALL_WINDOWS = 4  # mask statistics use the split's first windows, this many
 
 
 def autocast_context(device, dtype):
@@ -107,7 +108,7 @@ def perfect_estimate_recall(probs, k, bins):
     return (probs * kept_key_mask(grouped_topk(mass, rows, k))).sum(-1)
 
 
-def mask_statistics(student, teacher, tokens, block_size, windows=4):
+def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS):
     """Kept keys per query per head and mask recall, over all rows and over the second half of
     each window (where SEA is sparse), on the split's first `windows` windows. Recall is the share
     of the teacher's attention mass on the kept keys; beside it, the same number of keys per
@@ -288,7 +289,7 @@ def model_under_test(attn, length, device, dtype, sea):
 
 def time_and_peak_memory(run, device, max_seconds=3.0, max_repeats=5):
     """Median seconds of `run` after a warm-up; peak bytes (CUDA: allocated; CPU: process RSS)."""
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    synchronize = synchronizer(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -300,11 +301,19 @@ def time_and_peak_memory(run, device, max_seconds=3.0, max_repeats=5):
             run()
             synchronize()
             times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], peak_bytes(device)
+
+
+def synchronizer(device):
+    """What waits for the device's queued work before a clock is read (nothing on a CPU)."""
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def peak_bytes(device):
+    """The peak memory so far: CUDA memory allocated, or on a CPU the process's peak RSS."""
     if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
-    return sorted(times)[len(times) // 2], peak
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
 
 
 def count_calls(run, device):
@@ -419,9 +428,14 @@ def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), mo
     if plot:
         plot_benchmark(lengths, records, plot, f"{device_name(device)}, {dtype}")
     if json_path:
-        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
-        print(f"wrote {json_path}")
+        write_records(records, json_path)
     return records
+
+
+def write_records(records, path):
+    """The benchmarks' raw figures, one JSON object per measurement (docs/bench-*.json)."""
+    Path(path).write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def device_name(device):
@@ -590,7 +604,8 @@ def evaluate_model(p, args, model):
     if teacher is not None:
         print(f"{table_header('kept_per_head' in row)}\n{format_row(model.config.attn, row)}")
         if "kept_per_head" in row:
-            print(f"(mask statistics on the split's first 4 windows; late rows: the second half of each)")
+            print(f"(mask statistics on the split's first {RECALL_WINDOWS} windows; late rows: the second half "
+                  f"of each)")
     if args.plot:
         plot_attention(model, teacher, tokens, block_size, args.plot, args.layer, args.head)
     return row['ppl']
@@ -626,7 +641,7 @@ def time_decoding(method, context, new_tokens, device, dtype):
     OPT-125m-shaped model (random weights, positions for the context and the new tokens): dense
     attention with its key/value cache, or SEA with its own. The prompt pass is not timed; the
     peak memory is the whole process's (CUDA: allocated)."""
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    synchronize = synchronizer(device)
     model = OPT(OPTConfig.preset("opt-125m", attn=method, block_size=context + new_tokens)).to(device).eval()
     caches = [LayerCache() for _ in model.layers]
     step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
@@ -638,9 +653,7 @@ def time_decoding(method, context, new_tokens, device, dtype):
             token = step(token)[:, -1:].argmax(-1)
         synchronize()
     seconds = (time.perf_counter() - started) / new_tokens
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return dict(seconds_per_token=seconds, peak_bytes=peak)
+    return dict(seconds_per_token=seconds, peak_bytes=peak_bytes(device))
 
 
 def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
@@ -663,8 +676,7 @@ def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
             cells.append(f"{result['seconds_per_token'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}")
         print(f"{context:>8} " + " ".join(cells), flush=True)
     if json_path:
-        Path(json_path).write_text(json.dumps(records, indent=1) + "\n")
-        print(f"wrote {json_path}")
+        write_records(records, json_path)
     return records
 
 

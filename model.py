@@ -314,7 +314,7 @@ class OPT(nn.Module):
         self.eval()
         caches = [LayerCache() for _ in self.layers]
         tokens = idx
-        for step in range(min(max_new_tokens, self.config.block_size - idx.size(1))):
+        for _ in range(min(max_new_tokens, self.config.block_size - idx.size(1))):
             logits = self.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
             tokens = sample_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
             idx = torch.cat([idx, tokens], dim=1)

@@ -459,10 +459,10 @@ class WindowAttention(GatedSparseAttention):
 
 def pooled_key_scores(q, k, rows, bins):
     """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
-    `rows`: (B, H, R, M), 0 for empty bins. An option beyond
-    the paper (SEAConfig.pooled_keys): it tells the estimate which bins hold keys the query matches.
-    From prefix sums of the keys, so O(R M D) work beside the O(T D) sums (redone at every
-    decoding step: the option costs decoding a pass over the keys): prefix[e] sums keys 0..e-1."""
+    `rows`: (B, H, R, M), 0 for empty bins. An option beyond the paper (SEAConfig.pooled_keys):
+    it tells the estimate which bins hold keys the query matches. From prefix sums of the keys,
+    so O(R M D) work beside the O(T D) sums (redone for every chunk of rows and every decoding
+    step: the option costs a pass over the keys each time): prefix[e] sums keys 0..e-1."""
     q, k = full_precision(q), full_precision(k)
     prefix = F.pad(k.cumsum(2), (0, 0, 1, 0))  # (B, H, T + 1, D)
     edges = bin_edges(rows, bins)  # (R, M + 1)

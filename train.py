@@ -249,19 +249,20 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     layer) on the estimate loss, from the teacher's own q, k, v and attention maps, layer by layer.
     No student forward pass and no output layer, so a step costs a fraction of a distillation step.
     Constant learning rate --estimator-lr, AdamW. With --estimator-overfit every step trains on
-    the 4 validation windows the recall is measured on (the over-fit test)"""
+    the validation windows the recall is measured on (the over-fit test)."""
     mechanisms = [block.self_attn.mechanism for block in student.layers]
     optimizer = make_optimizer(student, args, only=is_estimator_parameter)
     for group in optimizer.param_groups:
         group["lr"] = args.estimator_lr
     generator = torch.Generator().manual_seed(args.seed + 1)
     T = args.block_size
-    measured_windows = evaluate.sample_windows(val_tokens, T, 4).to(device)  # where recall is measured
+    fixed = None
+    if args.estimator_overfit:  # the over-fit test trains on the very windows its recall is measured on
+        fixed = evaluate.sample_windows(val_tokens, T, evaluate.RECALL_WINDOWS).to(device)
     student.train()
     started = time.time()
     for it in range(1, args.estimator_iters + 1):
-        x = measured_windows if args.estimator_overfit else get_batch(train_tokens, args.batch_size, T,
-                                                                       generator, device)[0]
+        x = fixed if fixed is not None else get_batch(train_tokens, args.batch_size, T, generator, device)[0]
         with torch.no_grad(), autocast_context(device, args.dtype):
             _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
         losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"])
@@ -285,7 +286,8 @@ def report_recall(student, teacher, val_tokens, args, when):
     if student.config.attn not in evaluate.MASKED_KINDS:
         return {}
     stats = evaluate.mask_statistics(student, teacher, val_tokens, args.block_size)
-    print(f"{when}: {evaluate.format_mask_statistics(stats)}  (first 4 validation windows)", flush=True)
+    print(f"{when}: {evaluate.format_mask_statistics(stats)}  (first {evaluate.RECALL_WINDOWS} validation "
+          f"windows)", flush=True)
     student.train()
     return stats
 
@@ -544,8 +546,9 @@ def demo():
     print(evaluate.table_header())
     for name, row in rows.items():
         print(evaluate.format_row(name, row))
-    print("recall: the teacher's attention mass on the kept keys, on the first 4 test windows; window and "
-          "oracle keep as many keys per (head, row), the most recent ones or the teacher's own top ones")
+    print(f"recall: the teacher's attention mass on the kept keys, on the first {evaluate.RECALL_WINDOWS} test "
+          f"windows; window and oracle keep as many keys per (head, row), the most recent ones or the "
+          f"teacher's own top ones")
 
 
 def main(argv=None):
