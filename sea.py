@@ -278,13 +278,39 @@ def masked_attention(q, k, v, mask):
 # -----------------------------------------------------------------------------
 # the modules model.py plugs in: SEA, and the sliding-window control
 
+class KeyPrefixSums:
+    """prefix[j] = k_0 + ... + k_{j-1}, (B, H, T + 1, D), for pooled_key_scores. Each chunk of rows
+    and each decoding step adds its keys to a buffer that doubles when full, so a pass over T
+    rows costs O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
+
+    def __init__(self, k):  # the first rows' keys (B, H, R, D); gradients flow through these sums
+        self.buffer = F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0))  # (B, H, R + 1, D)
+        self.length = self.buffer.size(2)
+
+    def extend(self, k):  # the next rows' keys (B, H, R, D), at inference
+        end = self.length + k.size(2)
+        if end > self.buffer.size(2):
+            bigger = self.buffer.new_empty(*self.buffer.shape[:2], 2 * end, self.buffer.size(3))
+            bigger[:, :, :self.length] = self.buffer[:, :, :self.length]
+            self.buffer = bigger
+        last = self.buffer[:, :, self.length - 1:self.length]
+        self.buffer[:, :, self.length:end] = last + full_precision(k).cumsum(2)
+        self.length = end
+        return self
+
+    def sums(self):  # (B, H, T + 1, D)
+        return self.buffer[:, :, :self.length]
+
+
 class DecodingState(NamedTuple):
     """What a SEA or window layer keeps between decoding steps besides the keys and values
     (SEA.md section 8): the linear estimate's prefix sums, the last rows of e that the causal
-    CNN reaches (HALO), and the running sum of the values."""
+    CNN reaches (HALO), the running sum of the values and, for SEA with pooled keys, the keys'
+    prefix sums."""
     sums: tuple  # (S (B, H, m, 2D), z (B, H, m))
     e_tail: torch.Tensor  # (B, H, <= HALO, 2D)
     v_sum: torch.Tensor  # (B, H, 1, D)
+    key_prefix: Optional[KeyPrefixSums]
 
 
 class GatedSparseAttention(nn.Module):
@@ -366,18 +392,24 @@ class GatedSparseAttention(nn.Module):
         e, sums = self.encode(q, k[:, :, start:], new_v, start, None if state is None else state.sums)
         e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # the decoder's halo rows too
         e_start = start - (e_rows.size(2) - R)  # the position of e_rows' first row
-        context, aux = self.attend_rows(q, k, v, e_rows, e_start, start, materialize)  # steps 3-7
+        key_prefix = self.key_prefix(k[:, :, start:], None if state is None else state.key_prefix)
+        context, aux = self.attend_rows(q, k, v, e_rows, e_start, start, materialize, key_prefix)  # steps 3-7
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
         v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i
         running_mean = v_sum / torch.arange(start + 1, T + 1, device=v.device)[:, None]
         out = g1 * g0 * context + (1 - g1) * running_mean  # steps 7 (the gate) and 8
-        state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:])
+        state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
         return out.to(v.dtype), aux, state
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
+    def key_prefix(self, new_k, before):
+        """The KeyPrefixSums after the keys new_k (B, H, R, D), given those before them (None at
+        the start), where the subclass reads them; None where it does not."""
+        return None
+
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         """The query rows q (B, H, R, D) at positions row0 .. row0 + R - 1: (context (B, H, R, D)
         before the gate, aux of (B, H, R, ...) tensors). k, v hold every position up to the last
-        row, e the encoded rows from position e_start on."""
+        row, e the encoded rows from position e_start on, key_prefix what key_prefix returned."""
         raise NotImplementedError
 
 
@@ -395,18 +427,23 @@ class SEAAttention(GatedSparseAttention):
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.compressed_scores(q, k, self.encode(q, k, v)[0], 0, 0)
+            return self.compressed_scores(q, self.encode(q, k, v)[0], 0, 0, self.key_prefix(k, None))
 
-    def compressed_scores(self, q, k, e, e_start, row0):
+    def key_prefix(self, new_k, before):
+        if not self.cfg.pooled_keys:
+            return None
+        return KeyPrefixSums(new_k) if before is None else before.extend(new_k)
+
+    def compressed_scores(self, q, e, e_start, row0, key_prefix):
         """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, M),
         which needs e (rows from position e_start on) from the HALO rows above; with
-        SEAConfig.pooled_keys, plus each bin's mean logit."""
+        SEAConfig.pooled_keys, plus each bin's mean logit from the KeyPrefixSums."""
         R, halo = q.size(2), CompressedScoreDecoder.HALO
         first = max(e_start, row0 - halo)
         s_hat = self.decoder(e[:, :, first - e_start:row0 + R - e_start])[:, :, -R:]
         if self.cfg.pooled_keys:
             rows = torch.arange(row0, row0 + R, device=q.device)
-            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, k, rows, self.cfg.predictor_length)
+            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, key_prefix.sums(), rows, self.cfg.predictor_length)
         return s_hat
 
     def uses_kernel(self, q):
@@ -420,10 +457,10 @@ class SEAAttention(GatedSparseAttention):
     def linear_chunk(self, q):
         return 1024 if self.uses_kernel(q) else 128  # on a GPU, fewer and larger matmuls
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
         rows = torch.arange(row0, row0 + R, device=q.device)
-        s_hat = self.compressed_scores(q, k, e, e_start, row0)  # step 3
+        s_hat = self.compressed_scores(q, e, e_start, row0, key_prefix)  # step 3
         p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
         if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
             from kernel import select_bins, sparse_attention_blocks  # Triton is optional: import when used
@@ -446,7 +483,7 @@ class WindowAttention(GatedSparseAttention):
     better than this, its estimate adds nothing. It runs as a masked dense softmax: a control for
     analysis, not a fast method."""
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize):
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         B, H, T = k.shape[:3]
         rows = torch.arange(row0, row0 + q.size(2), device=q.device)
         width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)
@@ -457,16 +494,18 @@ class WindowAttention(GatedSparseAttention):
         return masked_attention(q, k, v, mask), aux
 
 
-def pooled_key_scores(q, k, rows, bins):
+def pooled_key_scores(q, prefix, rows, bins):
     """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
     `rows`: (B, H, R, M), 0 for empty bins. An option beyond the paper (SEAConfig.pooled_keys):
-    it tells the estimate which bins hold keys the query matches. From prefix sums of the keys,
-    so O(R M D) work beside the O(T D) sums (redone for every chunk of rows and every decoding
-    step: the option costs a pass over the keys each time): prefix[e] sums keys 0..e-1."""
-    q, k = full_precision(q), full_precision(k)
-    prefix = F.pad(k.cumsum(2), (0, 0, 1, 0))  # (B, H, T + 1, D)
+    it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
+    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, M D) D) work a row, whatever T."""
+    q = full_precision(q)
+    B, H, R, D = q.shape
     edges = bin_edges(rows, bins)  # (R, M + 1)
-    at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])  # q_i . prefix[edge]
+    if prefix.size(2) <= edges.size(1) * D:  # q_i . prefix[j] for all j, (B, H, R, T + 1), is the smaller
+        at_edges = (q @ prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
+    else:  # long rows: the prefix rows at the edges, (B, H, R, M + 1, D), dotted with q_i
+        at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])
     return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
 
 

@@ -45,9 +45,10 @@ def test_greedy_generation_equals_rerunning_the_full_pass(attn):
     assert torch.equal(generated, expected)
 
 
-def test_sea_decoding_keeps_the_bins_of_the_full_pass():
+@pytest.mark.parametrize("pooled_keys", [False, True])
+def test_sea_decoding_keeps_the_bins_of_the_full_pass(pooled_keys):
     torch.manual_seed(0)
-    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, predictor_length=8)).double().eval()
+    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, predictor_length=8, pooled_keys=pooled_keys)).double().eval()
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
         _, full_aux, _ = attention.attend(q, k, v, materialize=True)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import OPT, OPTConfig
-from sea import (CompressedScoreDecoder, SEAAttention, SEAConfig, WindowAttention, causal_linear_attention, decompress,
-                 estimate_loss, estimated_attention_map, grouped_topk, kept_key_mask, masked_attention,
-                 row_budget, sparse_attention)
+from sea import (CompressedScoreDecoder, KeyPrefixSums, SEAAttention, SEAConfig, WindowAttention,
+                 causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
+                 kept_key_mask, masked_attention, pooled_key_scores, row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
@@ -119,9 +119,11 @@ def test_sea_attention_module_steps_7_and_8():
     assert estimate.triu(1).abs().max() == 0
 
 
-def test_inference_chunks_equal_one_pass():
+@pytest.mark.parametrize("pooled_keys", [False, True])
+def test_inference_chunks_equal_one_pass(pooled_keys):
     torch.manual_seed(0)
-    attention = SEAAttention(2, 8, 128, SEAConfig(k=3, predictor_length=16, query_chunk=13)).eval()
+    cfg = SEAConfig(k=3, predictor_length=16, query_chunk=13, pooled_keys=pooled_keys)
+    attention = SEAAttention(2, 8, 128, cfg).eval()
     q, kk, v = (torch.randn(1, 2, 100, 8) for _ in range(3))
     with torch.no_grad():
         chunked, _ = attention(q, kk, v)
@@ -219,6 +221,26 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
     torch.testing.assert_close(ours, direct)
     torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(direct, scores)[0])
 
+
+
+@pytest.mark.parametrize("D, M", [(8, 16), (2, 4)])  # q . prefix for all keys, or the prefix rows at the edges
+def test_pooled_key_scores_are_each_bins_mean_logit(D, M):
+    torch.manual_seed(0)
+    B, H, T = 2, 3, 50
+    q, k = torch.randn(B, H, T, D, dtype=torch.float64), torch.randn(B, H, T, D, dtype=torch.float64)
+    expected = torch.zeros(B, H, T, M, dtype=torch.float64)  # 0 where a bin holds no key (rows i < M - 1)
+    bins = formula_key_bins(T, M)
+    for i in range(T):
+        for c in range(M):
+            keys = [j for j in range(i + 1) if bins[i, j] == c]
+            if keys:
+                expected[:, :, i, c] = (q[:, :, i] * k[:, :, keys].mean(2)).sum(-1)
+    rows = torch.arange(T)
+    torch.testing.assert_close(pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, M), expected)
+    grown = KeyPrefixSums(k[:, :, :1])  # the sums built a few keys at a time, as decoding does
+    for first, last in [(1, 2), (2, 9), (9, 10), (10, T)]:
+        grown.extend(k[:, :, first:last])
+    torch.testing.assert_close(pooled_key_scores(q[:, :, 30:], grown.sums(), rows[30:], M), expected[:, :, 30:])
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
