@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from data import default_cache_dir, get_tokenizer
 from reformer import LSHAttention, ReformerConfig
-from sea import PerformerAttention, SEAAttention, SEAConfig, WindowAttention
+from sea import GrowingRows, PerformerAttention, SEAAttention, SEAConfig, WindowAttention
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
@@ -124,28 +124,20 @@ class DenseAttention(nn.Module):
 
 class LayerCache:
     """One layer's decoding cache: the keys and values of every position so far, in buffers that
-    double when full, and the attention mechanism's own state (SEA's prefix sums and CNN rows,
-    the Performer's sums; see each mechanism's `extend`)."""
+    double when full (GrowingRows), and the attention mechanism's own state (SEA's prefix sums
+    and CNN rows, the Performer's sums; see each mechanism's `extend`)."""
 
     def __init__(self):
-        self.k = self.v = None  # (B, H, capacity, D)
-        self.length = 0
+        self.keys, self.values = GrowingRows(), GrowingRows()
         self.state = None
+
+    @property
+    def length(self):  # positions cached so far
+        return self.keys.length
 
     def append(self, k, v):
         """Add the new positions' k, v (B, H, n, D); returns views of all of them so far."""
-        end = self.length + k.size(2)
-        if self.k is None or end > self.k.size(2):
-            self.k, self.v = self.grown(self.k, k, 2 * end), self.grown(self.v, v, 2 * end)
-        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def grown(self, buffer, new, capacity):
-        bigger = new.new_empty(*new.shape[:2], capacity, new.size(3))
-        if buffer is not None:
-            bigger[:, :, :self.length] = buffer[:, :, :self.length]
-        return bigger
+        return self.keys.append(k), self.values.append(v)
 
 
 def build_attention(config):

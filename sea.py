@@ -278,28 +278,44 @@ def masked_attention(q, k, v, mask):
 # -----------------------------------------------------------------------------
 # the modules model.py plugs in: SEA, and the sliding-window control
 
+class GrowingRows:
+    """(B, H, n, D) rows appended along dim 2 to a buffer that doubles when full, so n rows cost
+    O(n) however many appends bring them: a decoding cache's keys and values (model.LayerCache),
+    the keys' prefix sums of the pooled-key option (KeyPrefixSums)."""
+
+    def __init__(self):
+        self.buffer, self.length = None, 0
+
+    def append(self, rows):  # (B, H, r, D) -> every row so far
+        end = self.length + rows.size(2)
+        if self.buffer is None or end > self.buffer.size(2):
+            bigger = rows.new_empty(*rows.shape[:2], 2 * end, rows.size(3))
+            if self.buffer is not None:
+                bigger[:, :, :self.length] = self.buffer[:, :, :self.length]
+            self.buffer = bigger
+        self.buffer[:, :, self.length:end] = rows
+        self.length = end
+        return self.rows()
+
+    def rows(self):  # every row so far, (B, H, n, D)
+        return self.buffer[:, :, :self.length]
+
+
 class KeyPrefixSums:
     """prefix[j] = k_0 + ... + k_{j-1}, (B, H, T + 1, D), for pooled_key_scores. Each chunk of rows
-    and each decoding step adds its keys to a buffer that doubles when full, so a pass over T
-    rows costs O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
+    and each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs
+    O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
 
     def __init__(self, k):  # the first rows' keys (B, H, R, D); gradients flow through these sums
-        self.buffer = F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0))  # (B, H, R + 1, D)
-        self.length = self.buffer.size(2)
+        self.prefix = GrowingRows()
+        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H, R + 1, D)
 
     def extend(self, k):  # the next rows' keys (B, H, R, D), at inference
-        end = self.length + k.size(2)
-        if end > self.buffer.size(2):
-            bigger = self.buffer.new_empty(*self.buffer.shape[:2], 2 * end, self.buffer.size(3))
-            bigger[:, :, :self.length] = self.buffer[:, :, :self.length]
-            self.buffer = bigger
-        last = self.buffer[:, :, self.length - 1:self.length]
-        self.buffer[:, :, self.length:end] = last + full_precision(k).cumsum(2)
-        self.length = end
+        self.prefix.append(self.sums()[:, :, -1:] + full_precision(k).cumsum(2))
         return self
 
     def sums(self):  # (B, H, T + 1, D)
-        return self.buffer[:, :, :self.length]
+        return self.prefix.rows()
 
 
 class DecodingState(NamedTuple):

@@ -227,7 +227,8 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
 def test_pooled_key_scores_are_each_bins_mean_logit(D, M):
     torch.manual_seed(0)
     B, H, T = 2, 3, 50
-    q, k = torch.randn(B, H, T, D, dtype=torch.float64), torch.randn(B, H, T, D, dtype=torch.float64)
+    q = torch.randn(B, H, T, D, dtype=torch.float64)
+    k = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
     expected = torch.zeros(B, H, T, M, dtype=torch.float64)  # 0 where a bin holds no key (rows i < M - 1)
     bins = formula_key_bins(T, M)
     for i in range(T):
@@ -236,7 +237,12 @@ def test_pooled_key_scores_are_each_bins_mean_logit(D, M):
             if keys:
                 expected[:, :, i, c] = (q[:, :, i] * k[:, :, keys].mean(2)).sum(-1)
     rows = torch.arange(T)
-    torch.testing.assert_close(pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, M), expected)
+    scores = pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, M)
+    torch.testing.assert_close(scores, expected)
+    weights = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad((scores * weights).sum(), k)[0],
+                               torch.autograd.grad((expected * weights).sum(), k)[0])
+    k = k.detach()
     grown = KeyPrefixSums(k[:, :, :1])  # the sums built a few keys at a time, as decoding does
     for first, last in [(1, 2), (2, 9), (9, 10), (10, T)]:
         grown.extend(k[:, :, first:last])
