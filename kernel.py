@@ -1,5 +1,5 @@
 """
-Triton kernels for SEA's fast path at inference (../shared/SEA.md steps 5 to 7): one kernel picks
+Triton kernels for SEA's fast path at inference (steps 5 to 7 of sea.py): one kernel picks
 the kept bins of every row, another runs the sparse attention over them on tensor cores. Between
 them nothing goes back to the host: sizes are known from T alone, so a whole SEA call can be
 captured in a CUDA graph. sea.py holds the readable PyTorch versions they are tested against.

@@ -1,20 +1,28 @@
 """
-An OPT decoder (the Hugging Face `facebook/opt-*` family) in one file, nanoGPT style.
+A decoder-only transformer in one file, nanoGPT style, for two families chosen by config:
+OPT (the Hugging Face `facebook/opt-*` layout) and Llama (SmolLM2 and kin).
 
-The module names mirror the Hugging Face checkpoint keys (minus the `model.decoder.`
-prefix), so a real OPT state dict loads with a rename and one embedding permutation
-(OPT numbers the GPT-2 BPE tokens differently; we speak tiktoken `gpt2` ids).
+What differs between the families is a handful of config fields, not classes:
 
-Attention is pluggable: `OPTConfig.attn` picks the module that turns (q, k, v) into a
-context: "dense" (softmax), "sea" (sea.py), "window" (SEA's sliding-window control),
-"performer" (FAVOR+ linear attention) or "reformer" (LSH attention, reformer.py).
-`build_attention` is the one place that switch happens.
+    field        OPT                               Llama
+    norm         LayerNorm                         RMSNorm
+    positions    learned table, offset 2           rotary (RoPE) on q and k
+    mlp          fc2(relu(fc1(x)))                 fc2(silu(fc_gate(x)) * fc1(x))  (SwiGLU)
+    n_kv_head    = n_head                          fewer: grouped-query attention
+    bias         yes                               no
+
+The module names mirror OPT's checkpoint keys (minus `model.decoder.`), for both families;
+weights.py reads other people's formats (Hugging Face directories, GGUF) into these names.
+
+Attention is pluggable: `DecoderConfig.attn` picks the module that turns (q, k, v) into a
+context: "dense" (softmax), "sea" (sea.py), "window" and "sink-window" (SEA's controls),
+"performer" (FAVOR+ linear attention) or "reformer" (LSH attention, reformer.py); for analysis
+only, "perfect-estimate" and "oracle" (keys chosen by the exact attention).
+`build_attention` is the one place that switch happens. With grouped-query attention each
+query head attends the keys and values of its group: the mechanisms see them repeated per
+query head, the decoding cache holds one copy per key/value head.
 """
 
-import json
-import re
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -23,28 +31,38 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import default_cache_dir, get_tokenizer
 from reformer import LSHAttention, ReformerConfig
-from sea import GrowingRows, PerformerAttention, SEAAttention, SEAConfig, WindowAttention
+from sea import (GrowingRows, OracleAttention, PerfectEstimateAttention, PerformerAttention, SEAAttention, SEAConfig,
+                 SinkWindowAttention, WindowAttention, causal_mask)
+from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
-GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
-ATTENTION_KINDS = ("dense", "sea", "window", "performer", "reformer")
+ATTENTION_KINDS = ("dense", "sea", "window", "sink-window", "performer", "reformer")
+ANALYSIS_KINDS = ("perfect-estimate", "oracle")  # need the exact T x T attention: to measure, never to train
 
 
 @dataclass
-class OPTConfig:
+class DecoderConfig:
     n_layer: int = 4
     n_embd: int = 128  # hidden size
-    n_head: int = 4
+    n_head: int = 4  # query heads
     ffn_dim: int = 512
     block_size: int = 256  # maximum sequence length (HF: max_position_embeddings)
-    proj_dim: Optional[int] = None  # word embedding width when it differs (350m: 512)
-    pre_ln: bool = True  # HF: do_layer_norm_before (False for opt-350m)
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention); None: n_head
+    proj_dim: Optional[int] = None  # word embedding width when it differs (opt-350m: 512)
+    pre_ln: bool = True  # norm before each sublayer (HF OPT: do_layer_norm_before; False for opt-350m)
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-5
+    positions: str = "learned"  # OPT's learned table, or "rotary"
+    rope_base: float = 10000.0  # rotary: the wavelength base
+    mlp: str = "relu"  # or "swiglu"
+    bias: bool = True  # biases in the attention and MLP projections
+    tied_output: bool = True  # the output layer is the token embedding
     vocab_size: int = GPT2_VOCAB_SIZE
+    tokenizer: str = "gpt2"  # what data.get_tokenizer needs to speak this model's ids
     dropout: float = 0.0
     attn: str = "dense"  # one of ATTENTION_KINDS
-    sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea", "window" and "performer"
+    sea: SEAConfig = field(default_factory=SEAConfig)  # knobs for "sea", the windows and "performer"
     reformer: ReformerConfig = field(default_factory=ReformerConfig)  # knobs for "reformer"
 
     def __post_init__(self):
@@ -52,24 +70,34 @@ class OPTConfig:
             self.sea = SEAConfig(**self.sea)
         if isinstance(self.reformer, dict):
             self.reformer = ReformerConfig(**self.reformer)
-        if self.proj_dim is None:
-            self.proj_dim = self.n_embd
-        if self.attn not in ATTENTION_KINDS:
-            raise ValueError(f"attn={self.attn!r}: choose one of {ATTENTION_KINDS}")
+        for name, allowed in (("attn", ATTENTION_KINDS + ANALYSIS_KINDS), ("norm", ("layernorm", "rmsnorm")),
+                              ("positions", ("learned", "rotary")), ("mlp", ("relu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
 
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self):  # n_kv_head, or one key/value head per query head
+        return self.n_kv_head or self.n_head
+
+    @property
+    def embedding_width(self):  # proj_dim, or n_embd
+        return self.proj_dim or self.n_embd
+
     @staticmethod
     def preset(name, **overrides):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
-        unknown = set(overrides) - set(OPTConfig.__dataclass_fields__)
+        unknown = set(overrides) - set(DecoderConfig.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown OPTConfig field(s) {sorted(unknown)}")
+            raise ValueError(f"unknown DecoderConfig field(s) {sorted(unknown)}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self):
@@ -78,13 +106,18 @@ class OPTConfig:
 
 PRESETS = {
     # small enough to train on a 2-core CPU in minutes
-    "tiny": OPTConfig(n_layer=4, n_embd=128, n_head=4, ffn_dim=512, block_size=256),
+    "tiny": DecoderConfig(n_layer=4, n_embd=128, n_head=4, ffn_dim=512, block_size=256),
+    "tiny-llama": DecoderConfig(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, ffn_dim=352, block_size=256,
+                                **LLAMA_FAMILY),
     # the Hugging Face facebook/opt-* hyper-parameters
-    "opt-125m": OPTConfig(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072, block_size=2048),
-    "opt-350m": OPTConfig(n_layer=24, n_embd=1024, n_head=16, ffn_dim=4096, block_size=2048,
-                          proj_dim=512, pre_ln=False),
-    "opt-1.3b": OPTConfig(n_layer=24, n_embd=2048, n_head=32, ffn_dim=8192, block_size=2048),
-    "opt-2.7b": OPTConfig(n_layer=32, n_embd=2560, n_head=32, ffn_dim=10240, block_size=2048),
+    "opt-125m": DecoderConfig(n_layer=12, n_embd=768, n_head=12, ffn_dim=3072, block_size=2048),
+    "opt-350m": DecoderConfig(n_layer=24, n_embd=1024, n_head=16, ffn_dim=4096, block_size=2048,
+                              proj_dim=512, pre_ln=False),
+    "opt-1.3b": DecoderConfig(n_layer=24, n_embd=2048, n_head=32, ffn_dim=8192, block_size=2048),
+    "opt-2.7b": DecoderConfig(n_layer=32, n_embd=2560, n_head=32, ffn_dim=10240, block_size=2048),
+    # SmolLM2-135M's shape (random weights; its trained weights: Decoder.from_pretrained("smollm2-135m"))
+    "smollm2-135m": DecoderConfig(n_layer=30, n_embd=576, n_head=9, n_kv_head=3, ffn_dim=1536, block_size=8192,
+                                  rope_base=100000.0, vocab_size=49152, tokenizer="smollm2-135m", **LLAMA_FAMILY),
 }
 
 
@@ -95,8 +128,7 @@ def causal_attention_probs(q, k):
     """softmax(q k^T) over keys j <= i, in float32: (B, H, T, D) x 2 -> (B, H, T, T)."""
     T = q.size(-2)
     scores = (q @ k.transpose(-2, -1)).float()
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return scores.masked_fill(~causal_mask(torch.arange(T, device=q.device), T), float("-inf")).softmax(dim=-1)
 
 
 class DenseAttention(nn.Module):
@@ -117,8 +149,7 @@ class DenseAttention(nn.Module):
     def extend(self, q, k, v, start, state):
         """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)) over the keys and values of
         every position so far (B, H, start + R, D). Nothing to keep but those: state stays None."""
-        T = k.size(2)
-        visible = torch.arange(T, device=q.device) <= torch.arange(start, T, device=q.device)[:, None]
+        visible = causal_mask(torch.arange(start, k.size(2), device=q.device), k.size(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0), None
 
 
@@ -144,38 +175,65 @@ def build_attention(config):
     """The one place where `config.attn` picks the attention mechanism."""
     if config.attn == "dense":
         return DenseAttention()
-    if config.attn in ("sea", "window"):
-        kind = SEAAttention if config.attn == "sea" else WindowAttention
+    gated_sparse = {"sea": SEAAttention, "window": WindowAttention, "sink-window": SinkWindowAttention,
+                    "perfect-estimate": PerfectEstimateAttention, "oracle": OracleAttention}
+    if config.attn in gated_sparse:
+        kind = gated_sparse[config.attn]
         return kind(config.n_head, config.head_dim, config.block_size, config.sea)
     if config.attn == "reformer":
         return LSHAttention(config.head_dim, config.block_size, config.reformer)
     return PerformerAttention(config.head_dim, config.sea.nbf)
 
 
-class OPTAttention(nn.Module):
+def rotary_angles(positions, head_dim, base):
+    """(cos, sin), each (T, D), for rotary positions: dims i and i + D/2 form a pair turned by the
+    angle p * base^(-2i/D) at position p (Hugging Face's layout)."""
+    inverse_wavelengths = base ** (-torch.arange(0, head_dim, 2, device=positions.device).double() / head_dim)
+    angles = positions.double()[:, None] * inverse_wavelengths  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(x, rotary):
+    """x (B, H, T, D) turned by the (cos, sin) of its positions, pair (i, i + D/2) by pair."""
+    cos, sin = rotary
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """The projections around the mechanism: x -> q, k, v (rotary positions when configured, q scaled
+    by D^-1/2 as the mechanisms expect) -> context -> out_proj."""
+
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.scaling = config.head_dim ** -0.5
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.k_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.v_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.out_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        C, kv_width = config.n_embd, config.kv_heads * config.head_dim
+        self.q_proj = nn.Linear(C, C, bias=config.bias)
+        self.k_proj = nn.Linear(C, kv_width, bias=config.bias)
+        self.v_proj = nn.Linear(C, kv_width, bias=config.bias)
+        self.out_proj = nn.Linear(C, C, bias=config.bias)
         self.mechanism = build_attention(config)
 
-    def forward(self, x, need_internals=False, cache=None):
-        """x (B, T, C) -> (y, internals). With a LayerCache, x holds the positions after the
-        cached ones, attended together with those."""
+    def forward(self, x, rotary=None, need_internals=False, cache=None):
+        """x (B, T, C) -> (y, internals). rotary: (cos, sin) of the positions, or None (learned
+        positions). With a LayerCache, x holds the positions after the cached ones, attended
+        together with those."""
         B, T, C = x.shape
-        split_heads = lambda t: t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        q = split_heads(self.q_proj(x) * self.scaling)  # OPT scales q inside the projection
-        k = split_heads(self.k_proj(x))
-        v = split_heads(self.v_proj(x))
+        split_heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        if rotary is not None:
+            q, k = rotate(q, rotary), rotate(k, rotary)
+        q = q * self.head_dim ** -0.5  # OPT scales inside q_proj: the same numbers
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v)  # one copy per key/value head
+        group = self.n_head // self.n_kv_head  # query heads per key/value head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
         if cache is None:
             context, aux = self.mechanism(q, k, v, need_weights=need_internals)
         else:
-            start = cache.length
-            k, v = cache.append(k, v)
             context, cache.state = self.mechanism.extend(q, k, v, start, cache.state)
             aux = {}
         y = self.out_proj(context.transpose(1, 2).reshape(B, T, C))
@@ -183,25 +241,37 @@ class OPTAttention(nn.Module):
         return y, internals
 
 
-class OPTBlock(nn.Module):
+def make_norm(config, width):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=config.norm_eps)
+    return nn.LayerNorm(width, eps=config.norm_eps)
+
+
+class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.pre_ln = config.pre_ln
-        self.self_attn = OPTAttention(config)
-        self.self_attn_layer_norm = nn.LayerNorm(config.n_embd)
-        self.fc1 = nn.Linear(config.n_embd, config.ffn_dim)
-        self.fc2 = nn.Linear(config.ffn_dim, config.n_embd)
-        self.final_layer_norm = nn.LayerNorm(config.n_embd)
+        self.self_attn = Attention(config)
+        self.self_attn_layer_norm = make_norm(config, config.n_embd)
+        self.fc1 = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
+        self.fc_gate = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias) if config.mlp == "swiglu" else None
+        self.fc2 = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
+        self.final_layer_norm = make_norm(config, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, need_internals=False, cache=None):
+    def mlp(self, h):
+        if self.fc_gate is not None:  # SwiGLU
+            return self.fc2(F.silu(self.fc_gate(h)) * self.fc1(h))
+        return self.fc2(F.relu(self.fc1(h)))
+
+    def forward(self, x, rotary=None, need_internals=False, cache=None):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, internals = self.self_attn(h, need_internals, cache)
+        h, internals = self.self_attn(h, rotary, need_internals, cache)
         x = x + self.dropout(h)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_ln else x
-        x = x + self.dropout(self.fc2(F.relu(self.fc1(h))))
+        x = x + self.dropout(self.mlp(h))
         if not self.pre_ln:
             x = self.final_layer_norm(x)
         return x, internals
@@ -217,18 +287,20 @@ def sample_next_token(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
-class OPT(nn.Module):
+class Decoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
         c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.proj_dim)
-        self.embed_positions = nn.Embedding(c.block_size + OPT_POSITION_OFFSET, c.n_embd)
-        needs_projection = c.proj_dim != c.n_embd
-        self.project_in = nn.Linear(c.proj_dim, c.n_embd, bias=False) if needs_projection else None
-        self.project_out = nn.Linear(c.n_embd, c.proj_dim, bias=False) if needs_projection else None
-        self.layers = nn.ModuleList(OPTBlock(c) for _ in range(c.n_layer))
-        self.final_layer_norm = nn.LayerNorm(c.n_embd) if c.pre_ln else None
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.embedding_width)
+        learned = c.positions == "learned"
+        self.embed_positions = nn.Embedding(c.block_size + OPT_POSITION_OFFSET, c.n_embd) if learned else None
+        needs_projection = c.embedding_width != c.n_embd
+        self.project_in = nn.Linear(c.embedding_width, c.n_embd, bias=False) if needs_projection else None
+        self.project_out = nn.Linear(c.n_embd, c.embedding_width, bias=False) if needs_projection else None
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.final_layer_norm = make_norm(c, c.n_embd) if c.pre_ln else None
+        self.lm_head = None if c.tied_output else nn.Linear(c.embedding_width, c.vocab_size, bias=False)
         self.dropout = nn.Dropout(c.dropout)
         self.apply(self._init_weights)
 
@@ -243,7 +315,7 @@ class OPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """idx (B, T) tiktoken gpt2 ids -> logits (B, T, vocab), mean cross-entropy or None."""
+        """idx (B, T) token ids -> logits (B, T, vocab), mean cross-entropy or None."""
         logits, _, _ = self.forward_internals(idx, need_hidden=False, need_layers=False)
         loss = None
         if targets is not None:
@@ -265,17 +337,22 @@ class OPT(nn.Module):
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds the model's block_size "
-                             f"{self.config.block_size} (its learned positions)")
-        positions = torch.arange(start, start + T, device=idx.device) + OPT_POSITION_OFFSET
+                             f"{self.config.block_size} (the longest context it is configured for)")
+        positions = torch.arange(start, start + T, device=idx.device)
         x = self.embed_tokens(idx)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = self.dropout(x + self.embed_positions(positions))
+        rotary = None
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions + OPT_POSITION_OFFSET)
+        else:
+            rotary = rotary_angles(positions, self.config.head_dim, self.config.rope_base)
+        x = self.dropout(x)
         hidden_states, layers = [], []
         for number, block in enumerate(self.layers):
             if need_hidden:
                 hidden_states.append(x)
-            x, internals = block(x, need_layers, caches[number] if caches else None)
+            x, internals = block(x, rotary, need_layers, caches[number] if caches else None)
             if need_layers:
                 layers.append(internals)
         if self.final_layer_norm is not None:
@@ -284,7 +361,9 @@ class OPT(nn.Module):
             x = self.project_out(x)
         if need_hidden:
             hidden_states.append(x)
-        logits = F.linear(x, self.embed_tokens.weight) if need_logits else None  # lm_head: tied
+        logits = None
+        if need_logits:
+            logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         return logits, hidden_states, layers
 
     @torch.no_grad()
@@ -293,7 +372,7 @@ class OPT(nn.Module):
 
         The prompt runs in one pass that fills a cache per layer; then each new token runs
         alone against the cache, so a token costs what one row of attention costs. The model
-        has learned positions up to block_size, so generation stops there: the result is
+        is configured for contexts up to block_size, so generation stops there: the result is
         (B, T + n) with n = min(max_new_tokens, block_size - T).
         """
         if temperature <= 0:
@@ -339,7 +418,7 @@ class OPT(nn.Module):
     def from_checkpoint_dict(cls, ckpt, source, **overrides):
         """The model of an already-read train.py checkpoint; `source` names it in errors."""
         try:
-            config = OPTConfig(**{**ckpt["config"], **overrides})
+            config = DecoderConfig(**{**ckpt["config"], **overrides})
         except TypeError as e:  # a field this version of model.py does not know
             raise ValueError(f"{source}: its config does not fit this version of model.py ({e})") from None
         model = cls(config)
@@ -349,26 +428,17 @@ class OPT(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, cache_dir=None, **overrides):
-        """Load a Hugging Face OPT checkpoint from a directory, or download it by hub name."""
-        directory = Path(name_or_dir)
-        if is_hub_name(name_or_dir):
-            directory = download_hf_checkpoint(str(name_or_dir), cache_dir)
-        elif not directory.is_dir():
-            raise FileNotFoundError(f"{directory} is not a directory (pass a Hugging Face OPT "
-                                    f"directory or a hub name such as facebook/opt-125m)")
-        hf_config = json.loads(_require_file(directory / "config.json").read_text())
-        config = OPTConfig(**{**config_from_hf(hf_config), **overrides})
-        state = read_hf_state_dict(directory)
-        vocab = json.loads(_require_file(directory / "vocab.json").read_text(encoding="utf-8"))
-        state["embed_tokens.weight"] = state["embed_tokens.weight"][opt_ids_for_gpt2_tokens(vocab)]
-        model = cls(config)
-        model.load_checked_state_dict(state, str(directory), strict=config.attn == "dense")
+    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
+        """A pretrained model (weights.py reads it): a PRETRAINED name such as "smollm2-135m", a
+        llama GGUF file, a Hugging Face directory (OPT or llama) or a hub name."""
+        fields, state = read_pretrained(name_or_path, cache_dir)
+        model = cls(DecoderConfig(**{**fields, **overrides}))
+        model.load_checked_state_dict(state, str(name_or_path), strict=model.config.attn == "dense")
         return model
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: train.py's own, and Hugging Face OPT
+# checkpoints written by train.py
 
 def read_checkpoint(path):
     """torch.load of a train.py checkpoint, with an error that names the file when it is not one."""
@@ -383,131 +453,29 @@ def read_checkpoint(path):
                          f"wrote, or train again") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not a train.py checkpoint (no 'config'/'model' entries); "
-                         f"for a Hugging Face OPT directory use OPT.from_pretrained / --init-from")
+                         f"for a Hugging Face directory or a GGUF use Decoder.from_pretrained / --init-from")
     return ckpt
 
 
+def is_gguf(path):
+    """A .gguf file, or any file that starts with GGUF's magic."""
+    with open(path, "rb") as f:
+        return path.suffix == ".gguf" or f.read(4) == b"GGUF"
+
+
+def is_pretrained_source(name_or_path):
+    """Whether from_pretrained reads it: a PRETRAINED name, a hub name, a directory or a GGUF file."""
+    path = Path(name_or_path)
+    return (str(name_or_path) in PRETRAINED or is_hub_name(name_or_path) or path.is_dir()
+            or (path.is_file() and is_gguf(path)))
+
+
 def load_model(path_or_name, **overrides):
-    """A train.py checkpoint (file) or a Hugging Face OPT (directory or hub name)."""
+    """A train.py checkpoint (file), or a pretrained model (see Decoder.from_pretrained)."""
+    if is_pretrained_source(path_or_name):
+        return Decoder.from_pretrained(path_or_name, **overrides)
     if Path(path_or_name).is_file():
-        return OPT.from_checkpoint(path_or_name, **overrides)
-    if Path(path_or_name).is_dir() or is_hub_name(path_or_name):
-        return OPT.from_pretrained(path_or_name, **overrides)
-    raise FileNotFoundError(f"{path_or_name}: no such checkpoint file or directory (pass a ckpt.pt "
-                            f"from train.py, a Hugging Face OPT directory, or a hub name such as "
-                            f"facebook/opt-125m)")
-
-
-HF_FILES_URL = "https://huggingface.co/{name}/resolve/main/{file}"
-
-
-def is_hub_name(name):
-    """'facebook/opt-125m' is a hub name; '/data/opt', './opt' or 'opt' are local paths."""
-    return re.fullmatch(r"[\w-]+/[\w.-]+", str(name)) is not None and not Path(name).exists()
-
-
-def _require_file(path):
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {path.name} in {path.parent} (a Hugging Face OPT "
-                                f"checkpoint directory holds config.json, vocab.json and "
-                                f"pytorch_model.bin or model.safetensors)")
-    return path
-
-
-def config_from_hf(hf):
-    """Translate a Hugging Face OPT config.json into OPTConfig fields."""
-    if hf.get("activation_function", "relu") != "relu":
-        raise ValueError(f"only ReLU OPT models are supported, got {hf['activation_function']}")
-    if hf.get("_remove_final_layer_norm", False) or not hf.get("enable_bias", True):
-        raise ValueError("OPT variants without biases or final layer norm are not supported")
-    return dict(n_layer=hf["num_hidden_layers"], n_embd=hf["hidden_size"],
-                n_head=hf["num_attention_heads"], ffn_dim=hf["ffn_dim"],
-                block_size=hf["max_position_embeddings"],
-                proj_dim=hf.get("word_embed_proj_dim", hf["hidden_size"]),
-                pre_ln=hf.get("do_layer_norm_before", True), vocab_size=GPT2_VOCAB_SIZE)
-
-
-def read_hf_state_dict(directory):
-    """HF keys ('model.decoder.x' or 'decoder.x') -> our keys ('x'); lm_head is tied, dropped."""
-    weights = directory / "pytorch_model.bin"
-    if weights.is_file():
-        load = lambda path: torch.load(path, map_location="cpu", weights_only=True)
-    elif (directory / "model.safetensors").is_file():
-        weights = directory / "model.safetensors"
-        try:
-            from safetensors.torch import load_file as load
-        except ImportError:
-            raise ImportError(f"{directory} holds model.safetensors: pip install safetensors") from None
-    else:
-        _require_file(weights)
-    try:
-        raw = load(weights)
-    except Exception as e:  # truncated downloads and foreign files fail in many ways
-        raise ValueError(f"{weights} is not readable ({type(e).__name__}); it may be truncated: "
-                         f"download it again") from None
-    state = {}
-    for key, tensor in raw.items():
-        if key == "lm_head.weight":
-            continue
-        for prefix in ("model.decoder.", "decoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = tensor.float()
-    return state
-
-
-def download_hf_checkpoint(name, cache_dir=None):
-    """Fetch config.json, vocab.json and the weights of `name` (e.g. facebook/opt-125m)."""
-    directory = Path(cache_dir or default_cache_dir()) / "hf" / name.replace("/", "--")
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in ("config.json", "vocab.json", ("pytorch_model.bin", "model.safetensors")):
-        choices = file if isinstance(file, tuple) else (file,)
-        if any((directory / f).is_file() for f in choices):
-            continue
-        errors = []
-        for f in choices:
-            url = HF_FILES_URL.format(name=name, file=f)
-            try:
-                print(f"downloading {url}")
-                urllib.request.urlretrieve(url, directory / (f + ".part"))
-                (directory / (f + ".part")).rename(directory / f)
-                break
-            except (urllib.error.URLError, OSError) as e:
-                errors.append(f"{url}: {e}")
-        else:
-            raise ConnectionError(
-                f"could not download {name!r} ({'; '.join(errors)}). Offline? Put config.json, "
-                f"vocab.json and pytorch_model.bin in a directory and pass that directory "
-                f"instead (--init-from DIR / --teacher DIR)")
-    return directory
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character map used by vocab.json keys."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def opt_ids_for_gpt2_tokens(vocab):
-    """LongTensor (50257,): entry t is the OPT id of tiktoken gpt2 token t (50256 -> </s>)."""
-    enc = get_tokenizer()
-    byte_char = bytes_to_unicode()
-    ids = []
-    for t in range(GPT2_VOCAB_SIZE - 1):
-        key = "".join(byte_char[b] for b in enc.decode_single_token_bytes(t))
-        if key not in vocab:
-            raise ValueError(f"vocab.json has no entry for GPT-2 token {t} ({key!r}); "
-                             f"is this an OPT checkpoint?")
-        ids.append(vocab[key])
-    if "</s>" not in vocab:
-        raise ValueError("vocab.json has no '</s>' entry; is this an OPT checkpoint?")
-    ids.append(vocab["</s>"])  # OPT's </s> (BOS/EOS) plays GPT-2's <|endoftext|>
-    return torch.tensor(ids)
+        return Decoder.from_checkpoint(path_or_name, **overrides)
+    raise FileNotFoundError(f"{path_or_name}: no such checkpoint file or directory (pass a ckpt.pt from "
+                            f"train.py, a GGUF file, a Hugging Face directory, a hub name such as "
+                            f"facebook/opt-125m, or one of {sorted(PRETRAINED)})")

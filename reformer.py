@@ -1,6 +1,7 @@
 """
 The Reformer baseline: LSH attention (Kitaev et al., 2020) as the SEA paper's official code runs it
-(../shared/SEA.md section 6), made strictly causal.
+(through the reformer_pytorch package: shared query/key, buckets of k tokens, 8 hash rounds), made
+strictly causal.
 
 Each query attends only to keys that land in its own hash bucket:
 

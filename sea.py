@@ -3,7 +3,7 @@ SEA: Sparse linear attention with an Estimated Attention mask (Lee et al., ICLR 
 
 Every query's attention row is first *estimated* cheaply, in a compressed form of
 M = T_M bins, then a few bins are kept and exact softmax attention runs on their
-keys only. The steps follow the paper (and ../shared/SEA.md section 3):
+keys only. The steps follow the paper:
 
   1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
   2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
@@ -41,6 +41,7 @@ class SEAConfig:
     # CPU smaller chunks are also faster: their gathered keys stay in cache)
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
+    sinks: int = 4  # the sink-window control: the first keys every row keeps (StreamingLLM's attention sinks)
 
     def __post_init__(self):
         if self.k < 1:
@@ -320,13 +321,16 @@ class KeyPrefixSums:
 
 class DecodingState(NamedTuple):
     """What a SEA or window layer keeps between decoding steps besides the keys and values
-    (SEA.md section 8): the linear estimate's prefix sums, the last rows of e that the causal
+    (decoding): the linear estimate's prefix sums, the last rows of e that the causal
     CNN reaches (HALO), the running sum of the values and, for SEA with pooled keys, the keys'
     prefix sums."""
     sums: tuple  # (S (B, H, m, 2D), z (B, H, m))
     e_tail: torch.Tensor  # (B, H, <= HALO, 2D)
     v_sum: torch.Tensor  # (B, H, 1, D)
     key_prefix: Optional[KeyPrefixSums]
+
+
+GATE_OPEN = 40.0  # sigmoid(40) rounds to 1 in float64: 1 - 4e-18
 
 
 class GatedSparseAttention(nn.Module):
@@ -343,6 +347,15 @@ class GatedSparseAttention(nn.Module):
         self.encoder = nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
         nn.init.constant_(self.gates.bias, 3.0)  # sigmoid(3) = 0.95: start close to plain sparse attention
+
+    def open_gates(self):
+        """Gates fully open, sigmoid(g0) = sigmoid(g1) = 1 exactly (in float32 and float64): the output is
+        then the exact softmax over the kept keys, with no running mean. For the training-free
+        comparisons, where a pretrained model's attention is only swapped, never trained."""
+        with torch.no_grad():
+            self.gates.weight.zero_()
+            self.gates.bias.fill_(GATE_OPEN)
+        return self
 
     def encode(self, q, k, v, start=0, sums=None):
         """Steps 1-2 for the rows start .. start + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
@@ -371,7 +384,7 @@ class GatedSparseAttention(nn.Module):
         return out, aux
 
     def extend(self, q, k, v, start, state):
-        """Decoding (SEA.md section 8): the rows start .. start + R - 1 (q (B, H, R, D)), given k
+        """Decoding, one token or a few at a time: the rows start .. start + R - 1 (q (B, H, R, D)), given k
         and v of every position so far and the DecodingState of the rows before (None at the
         start). Returns (out (B, H, R, D), the state after these rows): the same numbers as the
         rows of one full pass."""
@@ -494,20 +507,72 @@ class SEAAttention(GatedSparseAttention):
 
 
 class WindowAttention(GatedSparseAttention):
-    """The control (SEA.md section 7): SEA's gates, mix and per-row budget, but each head keeps its
-    most recent keys, as many as SEA's budget gives a head of that row on average. If SEA does no
-    better than this, its estimate adds nothing. It runs as a masked dense softmax: a control for
-    analysis, not a fast method."""
+    """A control: SEA's gates, mix and per-row budget, but each head keeps its most recent keys, as
+    many as SEA's budget gives a head of that row on average. If SEA does no better than this, its
+    estimate adds nothing. It runs as a masked dense softmax: a control for analysis, not a fast
+    method."""
 
     def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         B, H, T = k.shape[:3]
         rows = torch.arange(row0, row0 + q.size(2), device=q.device)
         width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)
-        mask = (recent_key_mask(rows, T, width)).expand(B, H, -1, -1)  # (B, H, R, T)
+        mask = self.key_mask(q, k, rows, width).expand(B, H, -1, -1)  # (B, H, R, T)
         aux = dict(kept_per_head=width.expand(B, H, -1))
         if materialize:
             aux.update(kept_mask=mask)
         return masked_attention(q, k, v, mask), aux
+
+    def key_mask(self, q, k, rows, width):
+        """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps, `width` (R,) of
+        them in each row: (R, T) when all heads keep the same ones, else (B, H, R, T)."""
+        return recent_key_mask(rows, k.size(2), width)
+
+
+class SinkWindowAttention(WindowAttention):
+    """The control a pretrained model needs (StreamingLLM's layout): the first SEAConfig.sinks keys,
+    where many heads of a pretrained model park their attention, plus the most recent ones, as many
+    keys per (head, row) in all as the window keeps."""
+
+    def key_mask(self, q, k, rows, width):
+        return sink_window_mask(rows, k.size(2), width, self.cfg.sinks)
+
+
+class PerfectEstimateAttention(GatedSparseAttention):
+    """Analysis only: SEA's layout (bins, grouped top-k, budget: steps 5-7) with a perfect estimate,
+    the exact attention's mass per bin, computed here from q and k (T x T work). With a pretrained
+    model's own q, k, v it is the best any estimate can do with SEA's layout."""
+
+    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
+        rows = torch.arange(row0, row0 + q.size(2), device=q.device)
+        keep = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.predictor_length)
+        mask = kept_key_mask(keep, row0, k.size(2))
+        aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep)
+        if materialize:
+            aux.update(kept_mask=mask)
+        return masked_attention(q, k, v, mask), aux
+
+
+class OracleAttention(WindowAttention):
+    """Analysis only: as many keys per (head, row) as the window keeps, but each head's own top keys
+    by the exact attention (T x T work): the best choice of that many keys."""
+
+    def key_mask(self, q, k, rows, width):
+        rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T): 0 for the top key
+        return (rank < width[:, None]) & causal_mask(rows, k.size(2))
+
+
+def exact_attention(q, k, rows):
+    """softmax(q k^T) of the query rows q (B, H, R, D) at positions `rows` over keys j <= i: (B, H, R, T)."""
+    scores = full_precision(q) @ full_precision(k).transpose(-2, -1)
+    return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
+
+
+def perfect_estimate_bins(probs, rows, k, bins):
+    """Step 5 run on the attention itself: each (head, bin) cell's mass of probs (B, H, R, T), the grouped
+    top-k over them -> kept bins (B, H, R, M)."""
+    B, H, R, T = probs.shape
+    mass = probs.new_zeros(B, H, R, bins).scatter_add_(-1, key_bins(rows, T, bins).expand(B, H, R, T), probs)
+    return grouped_topk(mass, rows, k)
 
 
 def pooled_key_scores(q, prefix, rows, bins):
@@ -559,6 +624,14 @@ def recent_key_mask(rows, T, width):
     """(R, T) bool: the `width` (R,) most recent keys j <= i of each row i."""
     j = torch.arange(T, device=rows.device)[None, :]
     return causal_mask(rows, T) & (j > (rows - width)[:, None])
+
+
+def sink_window_mask(rows, T, width, sinks):
+    """(R, T) bool: of the `width` (R,) keys of each row i, the first min(sinks, width) keys of the
+    sequence and the rest the most recent keys j <= i."""
+    first = torch.clamp(width, max=sinks)
+    j = torch.arange(T, device=rows.device)[None, :]
+    return causal_mask(rows, T) & ((j < first[:, None]) | (j > (rows - width + first)[:, None]))
 
 
 def estimated_attention_map(scores):

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 import eval as evaluate
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
-from eval import (ArgumentParser, autocast_context, exit_on_bad_input, non_negative_float, non_negative_int,
+from eval import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float, non_negative_int,
                   positive_float, positive_int)
-from model import OPT, OPTConfig, PRESETS, is_hub_name, load_model, read_checkpoint
+from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
 from sea import SEAConfig, estimate_loss, full_precision
 
@@ -61,7 +61,7 @@ def build_student(args):
     if args.method == "dense":
         if args.init_from:
             return load_model(args.init_from)
-        return OPT(OPTConfig.preset(args.preset, dropout=args.dropout))
+        return Decoder(DecoderConfig.preset(args.preset, dropout=args.dropout))
     reformer = ReformerConfig(bucket_size=args.k, n_hashes=args.n_hashes, official_chunks=args.official_chunks)
     return load_model(args.teacher, attn=args.method, sea=sea_config(args), reformer=reformer)
 
@@ -152,7 +152,7 @@ class DenseMapLoss(torch.autograd.Function):
 
 class Objective(nn.Module):
     """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the loss of
-    SEA.md section 4: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
+    SEA paper's distillation: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
     when attention_terms (SEA's recipe; the official baselines train without them)."""
 
     def __init__(self, student, teacher=None, attention_terms=True):
@@ -312,7 +312,7 @@ def train(args):
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
         checkpoint = read_checkpoint(ckpt_path)
-        model = OPT.from_checkpoint_dict(checkpoint, str(ckpt_path))
+        model = Decoder.from_checkpoint_dict(checkpoint, str(ckpt_path))
         if checkpoint["iter"] >= args.max_iters:
             raise ValueError(f"--resume: {ckpt_path} is at iteration {checkpoint['iter']}, so "
                              f"--max-iters {args.max_iters} leaves nothing to train; raise --max-iters")
@@ -334,8 +334,8 @@ def train(args):
         if master:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
 
-    train_tokens = load_tokens("train", args.data_dir, args.cache_dir)
-    val_tokens = load_tokens("valid", args.data_dir, args.cache_dir)
+    train_tokens = load_tokens("train", args.data_dir, args.cache_dir, model.config.tokenizer)
+    val_tokens = load_tokens("valid", args.data_dir, args.cache_dir, model.config.tokenizer)
     for split, tokens in (("train", train_tokens), ("valid", val_tokens)):
         check_long_enough(tokens, args.block_size + 2, f"{split} split")
     history = Path(args.out_dir) / "history.jsonl" if master else None
@@ -350,6 +350,13 @@ def train(args):
             if world > 1:
                 torch.distributed.destroy_process_group()
             return None
+    if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
+        for block in model.layers:
+            block.self_attn.mechanism.open_gates()
+        if master:
+            save_checkpoint(ckpt_path, model, optimizer, 0, float("nan"), args)
+            print(f"training-free SEA (estimator warm-up only, gates open): saved {ckpt_path}")
+        return ckpt_path
     ddp_objective = objective
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -411,11 +418,11 @@ def train(args):
 
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["dense", "sea", "window", "performer", "reformer"], default="dense",
-                   help="dense: train a teacher; the others distill a student from --teacher (window: "
-                        "SEA's sliding-window control; performer, reformer: the paper's baselines)")
-    p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a Hugging Face "
-                                     "OPT directory or a hub name")
+    p.add_argument("--method", choices=ATTENTION_KINDS, default="dense",
+                   help="dense: train a teacher; the others distill a student from --teacher (window, "
+                        "sink-window: SEA's controls; performer, reformer: the paper's baselines)")
+    p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a GGUF file, a Hugging "
+                                     "Face directory, a hub name, or smollm2-135m (fetched once)")
     p.add_argument("--k", type=positive_int, default=SEAConfig.k,
                    help="SEA/window: kept keys per query per head; reformer: the bucket size")
     p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
@@ -437,12 +444,16 @@ def parse_args(argv):
                    help="SEA: first train the estimator alone for this many steps (0 = off)")
     p.add_argument("--estimator-lr", type=positive_float,
                    help="SEA: learning rate of the estimator warm-up (default 10 x --lr)")
+    p.add_argument("--training-free", action="store_true",
+                   help="sea: stop after the estimator warm-up and save the student with its gates open (the "
+                        "teacher's weights, SEA's choice of keys, exact softmax over them); no distillation")
     p.add_argument("--estimator-overfit", action="store_true",
                    help="SEA, the over-fit test: the warm-up trains on the very validation windows its "
                         "recall is measured on, then the run stops (no distillation, no checkpoint)")
     p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
-    p.add_argument("--init-from", help="start from a train.py checkpoint, a Hugging Face OPT directory "
+    p.add_argument("--init-from", help="start from a train.py checkpoint, a pretrained model (smollm2-135m, a "
+                                       "llama GGUF file), a Hugging Face directory "
                                        "or a hub name (facebook/opt-125m)")
     p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
@@ -462,7 +473,7 @@ def parse_args(argv):
                                                      "(default max-iters / 3, then at the end)")
     p.add_argument("--eval-iters", type=positive_int, default=20)
     p.add_argument("--log-interval", type=positive_int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (default bfloat16 on CPU and capable GPUs, else float16)")
     p.add_argument("--seed", type=int, default=1337)
@@ -475,7 +486,7 @@ def fill_defaults(args, parser):
         parser.error(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     for flag in ("init_from", "teacher"):
         path = getattr(args, flag)
-        if path and not (Path(path).exists() or is_hub_name(path)):
+        if path and not (Path(path).exists() or is_pretrained_source(path)):
             parser.error(f"--{flag.replace('_', '-')} {path}: no such file or directory")
     if args.method != "dense" and not args.teacher:
         parser.error(f"--method {args.method} distills from a teacher: pass --teacher "
@@ -493,6 +504,9 @@ def fill_defaults(args, parser):
         parser.error(str(e))
     if args.estimator_iters and args.method != "sea":
         parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
+    if args.training_free and not (args.method == "sea" and args.estimator_iters):
+        parser.error("--training-free saves SEA after its estimator warm-up: use it with --method sea "
+                     "--estimator-iters N")
     if args.estimator_overfit and not args.estimator_iters:
         parser.error("--estimator-overfit trains the warm-up on fixed windows: give it --estimator-iters N")
     args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
@@ -535,7 +549,7 @@ def demo():
     print(f"== 2/3 SEA student: python train.py {' '.join(DEMO_SEA)}  [{time.time() - started:.0f}s]")
     student_path = train(parse_args(DEMO_SEA))
     print(f"== 3/3 test perplexity and SEA mask statistics  [{time.time() - started:.0f}s]")
-    teacher, student = OPT.from_checkpoint(teacher_path), OPT.from_checkpoint(student_path)
+    teacher, student = Decoder.from_checkpoint(teacher_path), Decoder.from_checkpoint(student_path)
     tokens = load_tokens("test", teacher_args.data_dir, teacher_args.cache_dir)
     device, block = teacher_args.device, teacher.config.block_size
     rows = {"dense": evaluate.describe(teacher.to(device), None, tokens, block, 8, device, "float32")}

@@ -8,7 +8,7 @@ import torch
 
 import eval as evaluate
 import train
-from model import OPT, OPTConfig
+from model import Decoder, DecoderConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def files(tmp_path, wikitext):
     """A good tiny checkpoint, a truncated copy, a file that is no checkpoint, data folders."""
-    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=32))
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=32))
     good = tmp_path / "good.pt"
     torch.save(dict(model=model.state_dict(), config=model.config.to_dict()), good)
     truncated = tmp_path / "truncated.pt"
@@ -58,6 +58,9 @@ CASES = [  # (entry point, flags, text the one-line error must contain)
     ("train", ["--resume", "--out-dir", "{resumable}"], "ckpt.pt is not a readable checkpoint"),
     ("train", ["--data-dir", "{empty}"], "empty"),
     ("train", ["--data-dir", "{nodata}"], "nowhere"),
+    ("train", ["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "no such device"),
+    ("eval", ["--ckpt", "{good}", "--device", "gpu"], "not a device name"),
+    ("eval", ["--ckpt", "{good}", "--max-windows", "0"], "--max-windows"),
 ]
 
 

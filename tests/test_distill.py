@@ -4,21 +4,21 @@ import torch
 import data
 import eval as evaluate
 import train
-from model import OPT, OPTConfig
+from model import Decoder, DecoderConfig
 from sea import SEAConfig
 
 
 @pytest.fixture
 def teacher_path(tmp_path):
     torch.manual_seed(0)
-    teacher = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=64))
+    teacher = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=64))
     path = tmp_path / "teacher.pt"
     torch.save(dict(model=teacher.state_dict(), config=teacher.config.to_dict()), path)
     return path
 
 
 def total_loss(student_path, teacher_path, tokens, attention_terms):
-    student, teacher = OPT.from_checkpoint(student_path), OPT.from_checkpoint(teacher_path)
+    student, teacher = Decoder.from_checkpoint(student_path), Decoder.from_checkpoint(teacher_path)
     objective = train.Objective(student.eval(), teacher.eval(), attention_terms)
     x, y = data.get_batch(tokens, 4, 64, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
@@ -47,7 +47,7 @@ def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitex
     after, _ = total_loss(out / "ckpt.pt", teacher_path, tokens, attention_terms=not baseline)
     assert after < before
 
-    student = OPT.from_checkpoint(out / "ckpt.pt")
+    student = Decoder.from_checkpoint(out / "ckpt.pt")
     assert student.config.attn == method
     assert student.config.sea == SEAConfig(k=4, predictor_length=16, nbf=1 if method == "performer" else 8)
     assert (student.config.reformer.bucket_size, student.config.reformer.n_hashes) == (4, 2)
@@ -71,8 +71,8 @@ def test_new_attention_parameters_get_ten_times_the_rate(teacher_path):
 def test_plot_writes_png(wikitext, teacher_path, tmp_path):
     pytest.importorskip("matplotlib")
     torch.manual_seed(0)
-    teacher = OPT.from_checkpoint(teacher_path)
-    student = OPT.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, predictor_length=16))
+    teacher = Decoder.from_checkpoint(teacher_path)
+    student = Decoder.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, predictor_length=16))
     evaluate.plot_attention(student, teacher, data.load_tokens("valid", wikitext), 64, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 10_000
 

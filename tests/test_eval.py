@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
-from model import OPT, OPTConfig
-from sea import grouped_topk, kept_key_mask
+from model import Decoder, DecoderConfig
+from sea import grouped_topk, kept_key_mask, sink_window_mask
 
 
 def test_perplexity_is_exp_mean_nll():
     torch.manual_seed(0)
-    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=16)).eval()
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 50257, 75).astype(np.uint16)  # 4 full windows + 11
     ppl, scored = evaluate.perplexity(model, tokens, block_size=16, batch_size=3)
     nlls = []
@@ -25,7 +25,7 @@ def test_perplexity_is_exp_mean_nll():
 
 
 def test_eval_cli_on_checkpoint(wikitext, tmp_path, capsys):
-    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=32))
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=32))
     torch.save(dict(model=model.state_dict(), config=model.config.to_dict()), tmp_path / "ckpt.pt")
     ppl = evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--data-dir", str(wikitext), "--split", "valid"])
     out = capsys.readouterr().out
@@ -43,10 +43,22 @@ def test_recall_window_and_oracle_on_a_hand_made_map():
                          [1, 0, 1, 0],
                          [0, 1, 0, 0]], dtype=torch.bool)[None, None]
     counts = mask.sum(-1)
-    recall, window, oracle = evaluate.same_count_recalls(probs, mask, counts)
+    recall, window, sink_window, oracle = evaluate.same_count_recalls(probs, mask, counts, sinks=1)
     torch.testing.assert_close(recall, torch.tensor([[[1.0, 0.0, 0.3, 0.5]]]))
     torch.testing.assert_close(window, torch.tensor([[[1.0, 0.0, 0.8, 0.3]]]))  # row 2: keys 1, 2
+    torch.testing.assert_close(sink_window, torch.tensor([[[1.0, 0.0, 0.3, 0.1]]]))  # row 2: keys 0, 2
     torch.testing.assert_close(oracle, torch.tensor([[[1.0, 0.0, 0.9, 0.5]]]))  # row 2: keys 1, 0
+
+
+def test_sink_window_recall_is_the_mass_under_the_sink_window_mask():
+    torch.manual_seed(0)
+    T = 30
+    probs = torch.randn(2, 3, T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    counts = torch.randint(0, 12, (2, 3, T)).minimum(torch.arange(1, T + 1))
+    sink_window = evaluate.same_count_recalls(probs, probs > 0, counts, sinks=4)[2]
+    for b, h in ((0, 0), (1, 2)):
+        mask = sink_window_mask(torch.arange(T), T, counts[b, h], 4)
+        torch.testing.assert_close(sink_window[b, h], (probs[b, h] * mask).sum(-1))
 
 
 def test_a_perfect_estimate_keeps_the_bins_with_the_most_teacher_mass():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import OPT, LayerCache, OPTConfig
+from model import Decoder, LayerCache, DecoderConfig
 from reformer import ReformerConfig
 from sea import SEAAttention, SEAConfig
 
@@ -14,9 +14,9 @@ def tiny_model(attn, block_size=48):
     # run in chunks of 3 rows at inference
     torch.manual_seed(0)
     sea = SEAConfig(k=2, predictor_length=8, query_chunk=3)
-    config = OPTConfig.preset("tiny", n_layer=2, n_embd=64, n_head=2, block_size=block_size, attn=attn, sea=sea,
+    config = DecoderConfig.preset("tiny", n_layer=2, n_embd=64, n_head=2, block_size=block_size, attn=attn, sea=sea,
                               reformer=ReformerConfig(bucket_size=4, n_hashes=2))
-    return OPT(config).double().eval()
+    return Decoder(config).double().eval()
 
 
 @pytest.mark.parametrize("attn", KINDS)

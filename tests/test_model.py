@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT2_VOCAB_SIZE, OPT, OPTConfig, bytes_to_unicode
+from model import GPT2_VOCAB_SIZE, Decoder, DecoderConfig
+from data import bytes_to_unicode
 from data import get_tokenizer
 
 HF_VOCAB = 50272  # rows in a real OPT embedding
@@ -85,7 +86,7 @@ def test_hf_checkpoint_logits_match_reference(tmp_path, pre_ln, proj_dim):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     torch.save(state, tmp_path / "pytorch_model.bin")
 
-    model = OPT.from_pretrained(tmp_path).eval()
+    model = Decoder.from_pretrained(tmp_path).eval()
     assert model.config.pre_ln == pre_ln and model.config.proj_dim == proj_dim
     gpt2_ids = torch.tensor([enc.encode_ordinary("Hello world, this is OPT speaking.") + [50256]])
     ours, _ = model(gpt2_ids)
@@ -97,7 +98,7 @@ def test_hf_checkpoint_logits_match_reference(tmp_path, pre_ln, proj_dim):
 
 def test_causality_dense():
     torch.manual_seed(0)
-    model = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=32)).eval()
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=32)).eval()
     x = torch.randint(0, GPT2_VOCAB_SIZE, (2, 32))
     y = x.clone()
     p = 13
@@ -110,7 +111,7 @@ def test_causality_dense():
 
 def test_eager_path_matches_sdpa():
     torch.manual_seed(0)
-    model = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=32)).eval()
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=32)).eval()
     x = torch.randint(0, GPT2_VOCAB_SIZE, (2, 32))
     with torch.no_grad():
         eager, hidden, layers = model.forward_internals(x)
@@ -123,23 +124,23 @@ def test_eager_path_matches_sdpa():
 
 
 def test_presets_and_bad_overrides():
-    c = OPTConfig.preset("opt-350m")
+    c = DecoderConfig.preset("opt-350m")
     assert (c.n_layer, c.n_embd, c.proj_dim, c.pre_ln) == (24, 1024, 512, False)
-    assert OPTConfig.preset("opt-125m", block_size=512).block_size == 512
+    assert DecoderConfig.preset("opt-125m", block_size=512).block_size == 512
     with pytest.raises(ValueError, match="unknown preset"):
-        OPTConfig.preset("opt-7b")
-    with pytest.raises(ValueError, match="unknown OPTConfig field"):
-        OPTConfig.preset("tiny", n_layers=3)
+        DecoderConfig.preset("opt-7b")
+    with pytest.raises(ValueError, match="unknown DecoderConfig field"):
+        DecoderConfig.preset("tiny", n_layers=3)
     with pytest.raises(ValueError, match="attn"):
-        OPTConfig.preset("tiny", attn="flash")
+        DecoderConfig.preset("tiny", attn="flash")
 
 
 def test_mismatched_checkpoint_names_tensor(tmp_path):
-    model = OPT(OPTConfig.preset("tiny", n_layer=1, block_size=16))
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=16))
     state = model.state_dict()
     state["layers.0.fc1.weight"] = torch.zeros(7, 128)
     torch.save(dict(model=state, config=model.config.to_dict()), tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match=r"layers\.0\.fc1\.weight.*\(7, 128\).*\(512, 128\)"):
-        OPT.from_checkpoint(tmp_path / "ckpt.pt")
+        Decoder.from_checkpoint(tmp_path / "ckpt.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        OPT.from_checkpoint(tmp_path / "missing.pt")
+        Decoder.from_checkpoint(tmp_path / "missing.pt")

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import OPT, OPTConfig
-from sea import (CompressedScoreDecoder, KeyPrefixSums, SEAAttention, SEAConfig, WindowAttention,
+from model import Decoder, DecoderConfig
+from sea import (CompressedScoreDecoder, KeyPrefixSums, OracleAttention, PerfectEstimateAttention, SEAAttention,
+                 SEAConfig, SinkWindowAttention, WindowAttention,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
                  kept_key_mask, masked_attention, pooled_key_scores, row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
-    """SEA.md step 6 by the letter: key j <= i is kept by head h iff bin c(i, j) was kept."""
+    """Step 6 by the letter of the paper: key j <= i is kept by head h iff bin c(i, j) was kept."""
     B, H, T, M = keep.shape
     mask = torch.zeros(B, H, T, T, dtype=torch.bool)
     for i in range(T):
@@ -149,7 +150,7 @@ def test_autocast_does_not_change_sea(training):
 def test_whole_model_is_causal(attn, training):
     torch.manual_seed(0)
     sea = SEAConfig(k=2, predictor_length=8, query_chunk=7)
-    model = OPT(OPTConfig.preset("tiny", n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
     x = torch.randint(0, 50257, (2, 48))
     p = 29
     y = torch.cat([x[:, :p + 1], torch.randint(0, 50257, (2, 48 - p - 1))], dim=1)
@@ -257,5 +258,56 @@ def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
     x = decoder.project(e).view(B, H, T, 2, 8).permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, 8)
     x = F.relu(decoder.causal_conv(decoder.conv1, decoder.norm_in(x)))
     x = F.relu(decoder.causal_conv(decoder.conv2, x))
-    literal = decoder.norm_out(decoder.to_heads(x.repeat_interleave(4, dim=-1)))  # SEA.md's order
+    literal = decoder.norm_out(decoder.to_heads(x.repeat_interleave(4, dim=-1)))  # the paper's order
     torch.testing.assert_close(decoder(e), literal)
+
+
+def test_sink_window_keeps_the_first_keys_and_the_most_recent():
+    torch.manual_seed(0)
+    B, H, T, D, M, k, sinks = 1, 2, 70, 8, 16, 2, 3
+    attention = SinkWindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M, sinks=sinks)).double()
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    _, aux = attention(q, kk, v, need_weights=True)
+    window = WindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M)).double()
+    counts = window(q, kk, v, need_weights=True)[1]["kept_per_head"]
+    assert torch.equal(aux["kept_per_head"], counts)  # the same count per (head, row) as the window
+    for i in range(T):
+        width = int(counts[0, 0, i])
+        first = min(sinks, width)
+        expected = torch.zeros(T, dtype=torch.bool)
+        expected[:first] = True
+        expected[i + 1 - (width - first):i + 1] = True  # the most recent width - first keys
+        assert torch.equal(aux["kept_mask"][0, :, i], expected.expand(H, T)), f"row {i}"
+        assert int(aux["kept_mask"][0, 0, i].sum()) == width
+
+
+@pytest.mark.parametrize("kind", [SEAAttention, SinkWindowAttention, PerfectEstimateAttention, OracleAttention])
+def test_open_gates_give_the_exact_softmax_over_the_kept_keys(kind):
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 50, 8
+    attention = kind(H, D, 64, SEAConfig(k=2, predictor_length=8, query_chunk=7)).double().open_gates().eval()
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        out, aux = attention(q, kk, v, need_weights=True)
+        chunked = attention(q, kk, v)[0]  # inference: a chunk of rows at a time
+    exact = masked_dense_attention(q, kk, v, aux["kept_mask"])
+    assert aux["kept_mask"][:, :, 30:].float().mean() < 0.5  # sparse: the running mean would show
+    torch.testing.assert_close(out, exact)
+    torch.testing.assert_close(chunked, exact)
+
+
+def test_the_oracle_and_the_perfect_estimate_choose_by_the_exact_attention():
+    torch.manual_seed(0)
+    B, H, T, D, M, k = 1, 2, 40, 8, 8, 2
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    probs = (q @ kk.transpose(-1, -2)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    oracle = OracleAttention(H, D, 64, SEAConfig(k=k, predictor_length=M)).double()
+    aux = oracle(q, kk, v, need_weights=True)[1]
+    for i in (10, 39):
+        width = int(aux["kept_per_head"][0, 0, i])
+        top = probs[0, :, i].topk(width).indices
+        assert torch.equal(aux["kept_mask"][0, :, i].nonzero()[:, 1].view(H, width).sort().values, top.sort().values)
+    perfect = PerfectEstimateAttention(H, D, 64, SEAConfig(k=k, predictor_length=M)).double()
+    aux = perfect(q, kk, v, need_weights=True)[1]
+    mass = torch.zeros(B, H, T, M, dtype=torch.float64).scatter_add_(-1, formula_key_bins(T, M).expand(B, H, T, T), probs)
+    assert torch.equal(aux["kept_bins"], grouped_topk(mass, torch.arange(T), k))

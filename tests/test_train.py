@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from model import OPT
+from model import Decoder
 from data import get_batch, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +28,11 @@ def test_dense_training_lowers_loss_and_resumes(wikitext, tmp_path, capsys):
     train.main([*args, "--max-iters", "20", "--eval-interval", "10"])
     first = torch.load(out / "ckpt.pt", weights_only=False)
     assert first["iter"] == 20
-    model = OPT.from_checkpoint(out / "ckpt.pt")
+    model = Decoder.from_checkpoint(out / "ckpt.pt")
     assert model.config.dropout == 0.1
     tokens = load_tokens("valid", wikitext)
     torch.manual_seed(1337)  # the same initial weights train.py started from
-    fresh = OPT(model.config)
+    fresh = Decoder(model.config)
     assert val_loss(model, tokens) < val_loss(fresh, tokens) - 1.0
     log = capsys.readouterr().out
     assert "iter 20/20 | loss" in log and "tok/s" in log and "val loss" in log
