@@ -53,28 +53,30 @@ def split_windows(tokens, block_size, max_windows=None):
 
 @torch.no_grad()
 def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32", max_windows=None):
-    """Returns (perplexity, tokens scored) over the split's non-overlapping windows of block_size tokens
-    (its first max_windows windows when given)."""
+    """Returns (perplexity, tokens scored, each window's own perplexity) over the split's non-overlapping
+    windows of block_size tokens (its first max_windows windows when given)."""
     device = torch.device(device)
     check_long_enough(tokens, 2, "split to score")
     model.eval()
     windows = split_windows(tokens, block_size, max_windows)
-    total_nll, scored = 0.0, 0
+    window_nll = [0.0] * len(windows)  # each window's mean token NLL
     started = last_report = time.time()
-    for i in range(0, len(windows), batch_size):
+    for first in range(0, len(windows), batch_size):
         if time.time() - last_report > 60:  # a progress line a minute on long evaluations
             last_report = time.time()
-            print(f"  perplexity: {i} of {len(windows)} windows, {math.exp(total_nll / scored):.2f} so far, "
-                  f"{last_report - started:.0f}s", flush=True)
-        batch = windows[i:i + batch_size]
-        for length in sorted({len(w) for w in batch}):  # the last window may be shorter
-            x = torch.stack([w for w in batch if len(w) == length]).to(device)
+            print(f"  perplexity: {first} of {len(windows)} windows, {last_report - started:.0f}s", flush=True)
+        batch = range(first, min(first + batch_size, len(windows)))
+        for length in sorted({len(windows[i]) for i in batch}):  # the last window may be shorter
+            same = [i for i in batch if len(windows[i]) == length]
+            x = torch.stack([windows[i] for i in same]).to(device)
             with autocast_context(device, dtype):
                 logits, _ = model(x)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
-            total_nll += nll.item()
-            scored += x[:, 1:].numel()
-    return math.exp(total_nll / scored), scored
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), x[:, 1:], reduction="none")  # (b, L - 1)
+            for i, mean in zip(same, nll.mean(1).tolist()):
+                window_nll[i] = mean
+    scored = [len(w) - 1 for w in windows]
+    total = sum(nll * n for nll, n in zip(window_nll, scored))
+    return math.exp(total / sum(scored)), sum(scored), [math.exp(nll) for nll in window_nll]
 
 
 def sample_windows(tokens, block_size, count):
@@ -231,8 +233,9 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
     the teacher, and the mask statistics of a student that keeps keys. tokens: the whole split's
     length; scored: the tokens predicted."""
-    ppl, scored = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
-    row = dict(attn=model.config.attn, ppl=ppl, tokens=len(tokens), scored=scored, block_size=block_size,
+    ppl, scored, window_ppl = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
+    row = dict(attn=model.config.attn, ppl=ppl, window_ppl=window_ppl, tokens=len(tokens), scored=scored,
+               block_size=block_size,
                windows=len(split_windows(tokens, block_size, max_windows)),
                of_windows=len(split_windows(tokens, block_size)))
     if teacher is not None:
@@ -245,20 +248,22 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
 
 def table_header(mask_statistics=True):
     """The header of format_row's table, with the mask statistics' columns or without."""
-    header = f"{'method':<12} {'ppl':>8} {'ratio':>6}"
+    header = f"{'method':<16} {'ppl':>8} {'ratio':>6}"
     if mask_statistics:
-        header += (f"   {'kept keys/head':>14}   recall (late rows): {'kept':>5} {'window':>6} {'oracle':>6}"
-                   f"   all rows: {'kept':>5}")
+        header += (f"   {'kept keys/head':>14}   recall (late rows): {'kept':>5} {'window':>6} {'sinks':>6} "
+                   f"{'perfect':>7} {'oracle':>6}   all rows: {'kept':>5}")
     return header
 
 
 def format_row(name, row):
-    """One line of table_header's table: perplexity, ratio to the teacher, mask statistics."""
-    text = f"{name:<12} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
+    """One line of table_header's table: perplexity, ratio to the teacher, mask statistics (the kept
+    keys' recall; the same count as a window, as a sink-window, the perfect estimate's, the oracle's)."""
+    text = f"{name:<16} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
     if "kept_per_head" in row:
         kept = f"{row['kept_per_head_late']:.1f} ({100 * row['kept_fraction_late']:.1f}%)"
         text += (f"   {kept:>14}   {'':>19} {row['recall_late']:>5.3f} {row['window_late']:>6.3f} "
-                 f"{row['oracle_late']:>6.3f}   {'':>9} {row['recall']:>5.3f}")
+                 f"{row['sink_window_late']:>6.3f} {row['best_estimate_late']:>7.3f} {row['oracle_late']:>6.3f}"
+                 f"   {'':>9} {row['recall']:>5.3f}")
     return text
 
 

@@ -13,7 +13,7 @@ def test_perplexity_is_exp_mean_nll():
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=16)).eval()
     tokens = np.random.default_rng(0).integers(0, 50257, 75).astype(np.uint16)  # 4 full windows + 11
-    ppl, scored = evaluate.perplexity(model, tokens, block_size=16, batch_size=3)
+    ppl, scored, window_ppl = evaluate.perplexity(model, tokens, block_size=16, batch_size=3)
     nlls = []
     with torch.no_grad():
         for start in range(0, len(tokens), 16):
@@ -22,6 +22,7 @@ def test_perplexity_is_exp_mean_nll():
             nlls += [-logp[i, window[i + 1]].item() for i in range(len(window) - 1)]
     assert scored == len(nlls) == 4 * 15 + 10
     assert math.isclose(ppl, math.exp(sum(nlls) / len(nlls)), rel_tol=1e-5)
+    assert math.isclose(window_ppl[-1], math.exp(sum(nlls[-10:]) / 10), rel_tol=1e-5)  # the short last window
 
 
 def test_eval_cli_on_checkpoint(wikitext, tmp_path, capsys):

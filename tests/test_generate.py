@@ -6,28 +6,31 @@ from model import Decoder, LayerCache, DecoderConfig
 from reformer import ReformerConfig
 from sea import SEAAttention, SEAConfig
 
-KINDS = ["dense", "sea", "window", "performer", "reformer"]
+KINDS = ["dense", "sea", "window", "sink-window", "performer", "reformer"]
+FAMILIES = {"tiny": {}, "tiny-llama": dict(n_kv_head=1)}  # OPT, and Llama with two query heads per key/value head
 
 
-def tiny_model(attn, block_size=48):
+def tiny_model(attn, family="tiny", block_size=48):
     # SEA: k = 2, T_M = 8, so rows up to 4 tokens long are dense and later ones sparse; prompts
     # run in chunks of 3 rows at inference
     torch.manual_seed(0)
     sea = SEAConfig(k=2, predictor_length=8, query_chunk=3)
-    config = DecoderConfig.preset("tiny", n_layer=2, n_embd=64, n_head=2, block_size=block_size, attn=attn, sea=sea,
-                              reformer=ReformerConfig(bucket_size=4, n_hashes=2))
+    config = DecoderConfig.preset(family, n_layer=2, n_embd=64, n_head=2, block_size=block_size, attn=attn, sea=sea,
+                                  reformer=ReformerConfig(bucket_size=4, n_hashes=2), **FAMILIES[family])
     return Decoder(config).double().eval()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", KINDS)
-def test_cached_logits_equal_the_full_pass_at_every_step(attn):
-    model = tiny_model(attn)
+def test_cached_logits_equal_the_full_pass_at_every_step(attn, family):
+    model = tiny_model(attn, family)
     idx = torch.randint(0, 50257, (2, 30))
     with torch.no_grad():
         full = model(idx)[0]
         caches = [LayerCache() for _ in model.layers]
         prompt = model.forward_internals(idx[:, :7], need_hidden=False, need_layers=False, caches=caches)[0]
         torch.testing.assert_close(prompt, full[:, :7])
+        assert caches[0].keys.rows().shape[1] == model.config.kv_heads  # one cached key per key/value head
         for i in range(7, 30):  # then one token at a time, through the dense rows into the sparse ones
             step = model.forward_internals(idx[:, i:i + 1], need_hidden=False, need_layers=False, caches=caches)[0]
             torch.testing.assert_close(step[:, 0], full[:, i], msg=f"position {i}")

@@ -1,5 +1,6 @@
 """The Llama family: GGUF and Hugging Face loading against independent forward passes, its tokenizer,
-every attention kind on a grouped-query config, and the loaders' one-line errors."""
+the loaders' one-line errors. (Every attention kind on a grouped-query llama: test_generate.py and
+test_sea.py.)"""
 import json
 import subprocess
 import sys
@@ -14,8 +15,7 @@ gguf = pytest.importorskip("gguf")
 
 import data  # noqa: E402
 from data import bytes_to_unicode, get_tokenizer  # noqa: E402
-from model import Decoder, DecoderConfig, LayerCache  # noqa: E402
-from sea import SEAConfig  # noqa: E402
+from model import Decoder, DecoderConfig  # noqa: E402
 from weights import read_gguf_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,43 +175,6 @@ def test_the_real_smollm2_vocabulary():
     assert enc.encode_ordinary("The year 2024 was 12.5% better") == [
         504, 713, 216, 34, 32, 34, 36, 436, 216, 33, 34, 30, 37, 21, 1365]
     assert enc.encode("<|im_start|>user<|im_end|>", allowed_special="all")[::2] == [1, 2]
-
-
-def tiny_llama(attn, block_size=48):
-    torch.manual_seed(0)
-    config = DecoderConfig.preset("tiny-llama", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=block_size,
-                                  attn=attn, sea=SEAConfig(k=2, predictor_length=8, query_chunk=5))
-    return Decoder(config).double().eval()
-
-
-KINDS = ["dense", "sea", "window", "sink-window", "performer", "reformer"]
-
-
-@pytest.mark.parametrize("attn", KINDS)
-def test_every_attention_is_causal_on_grouped_query_llama(attn):
-    model = tiny_llama(attn)
-    x = torch.randint(0, 50257, (2, 48))
-    p = 29
-    y = torch.cat([x[:, :p + 1], torch.randint(0, 50257, (2, 48 - p - 1))], dim=1)
-    with torch.no_grad():
-        a, b = model(x)[0], model(y)[0]
-    torch.testing.assert_close(a[:, :p + 1], b[:, :p + 1])
-    assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])
-
-
-@pytest.mark.parametrize("attn", KINDS)
-def test_decoding_with_the_cache_equals_the_full_pass_on_llama(attn):
-    model = tiny_llama(attn)
-    idx = torch.randint(0, 50257, (2, 30))
-    with torch.no_grad():
-        full = model(idx)[0]
-        caches = [LayerCache() for _ in model.layers]
-        prompt = model.forward_internals(idx[:, :7], need_hidden=False, need_layers=False, caches=caches)[0]
-        torch.testing.assert_close(prompt, full[:, :7])
-        assert caches[0].keys.rows().shape[1] == 2  # one cached key per key/value head
-        for i in range(7, 30):
-            step = model.forward_internals(idx[:, i:i + 1], need_hidden=False, need_layers=False, caches=caches)[0]
-            torch.testing.assert_close(step[:, 0], full[:, i], msg=f"position {i}")
 
 
 def write_hf_llama(folder, gguf_path, weights="pytorch_model.bin"):

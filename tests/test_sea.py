@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Decoder, DecoderConfig
+from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
 from sea import (CompressedScoreDecoder, KeyPrefixSums, OracleAttention, PerfectEstimateAttention, SEAAttention,
                  SEAConfig, SinkWindowAttention, WindowAttention,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
@@ -145,12 +145,13 @@ def test_autocast_does_not_change_sea(training):
     torch.testing.assert_close(mixed, plain)
 
 
-@pytest.mark.parametrize("attn", ["sea", "performer"])
-@pytest.mark.parametrize("training", [True, False])
-def test_whole_model_is_causal(attn, training):
+@pytest.mark.parametrize("attn,family,training", [(attn, "tiny", training) for attn in ("sea", "performer")
+                                                   for training in (True, False)]
+                         + [(attn, "tiny-llama", False) for attn in ATTENTION_KINDS + ANALYSIS_KINDS])
+def test_whole_model_is_causal(attn, family, training):
     torch.manual_seed(0)
     sea = SEAConfig(k=2, predictor_length=8, query_chunk=7)
-    model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
+    model = Decoder(DecoderConfig.preset(family, n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
     x = torch.randint(0, 50257, (2, 48))
     p = 29
     y = torch.cat([x[:, :p + 1], torch.randint(0, 50257, (2, 48 - p - 1))], dim=1)
