@@ -230,7 +230,8 @@ class Attention(nn.Module):
             start = cache.length
             k, v = cache.append(k, v)  # one copy per key/value head
         group = self.n_head // self.n_kv_head  # query heads per key/value head
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
         if cache is None:
             context, aux = self.mechanism(q, k, v, need_weights=need_internals)
         else:
