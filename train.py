@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 import eval as evaluate
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
-from eval import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float, non_negative_int,
-                  positive_float, positive_int)
+from eval import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float,
+                  non_negative_int, positive_float, positive_int)
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
 from sea import SEAConfig, estimate_loss, full_precision
@@ -151,8 +151,8 @@ class DenseMapLoss(torch.autograd.Function):
 
 
 class Objective(nn.Module):
-    """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the loss of
-    SEA paper's distillation: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
+    """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the SEA paper's
+    distillation loss: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
     when attention_terms (SEA's recipe; the official baselines train without them)."""
 
     def __init__(self, student, teacher=None, attention_terms=True):
