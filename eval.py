@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
-from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig, DenseAttention, LayerCache, load_model
+from model import Decoder, DecoderConfig, DenseAttention, LayerCache, load_model
 from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask,
                  perfect_estimate_bins)
 
-MASKED_KINDS = ("sea", "window", "sink-window", "perfect-estimate", "oracle")  # students whose kept keys can be compared with the teacher's attention
+MASKED_KINDS = ("sea", "window", "sink-window", "perfect-estimate", "oracle")  # kept keys to compare with the teacher's
 RECALL_WINDOWS = 4  # mask statistics use the split's first windows, this many
 
 
@@ -237,9 +237,7 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     length; scored: the tokens predicted."""
     ppl, scored, window_ppl = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
     row = dict(attn=model.config.attn, ppl=ppl, window_ppl=window_ppl, tokens=len(tokens), scored=scored,
-               block_size=block_size,
-               windows=len(split_windows(tokens, block_size, max_windows)),
-               of_windows=len(split_windows(tokens, block_size)))
+               block_size=block_size, windows=len(window_ppl), of_windows=len(split_windows(tokens, block_size)))
     if teacher is not None:
         teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype, max_windows)[0]
         row["ratio"] = ppl / teacher_ppl
@@ -534,7 +532,8 @@ def available_device(text):
         raise argparse.ArgumentTypeError(f"{text}: this machine has no such device (this PyTorch sees "
                                          f"{', '.join(name for name, there in present.items() if there)})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: no such device, this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise argparse.ArgumentTypeError(f"{text}: no such device, this machine has {torch.cuda.device_count()} "
+                                         f"CUDA device(s)")
     return text
 
 
@@ -587,8 +586,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed")
     p.add_argument("--reformer-seed", type=int, help="a reformer student: the seed of its rotations at "
                                                      "evaluation (default: the one it was trained with, 0)")
-    p.add_argument("--attn", choices=[kind for kind in ATTENTION_KINDS + ANALYSIS_KINDS if kind in MASKED_KINDS
-                                      and kind != "sea"],
+    p.add_argument("--attn", choices=[kind for kind in MASKED_KINDS if kind != "sea"],  # SEA needs its warm-up
                    help="evaluate the model with its attention swapped, training-free (the gates open, so the "
                         "output is the exact softmax over the kept keys): window, sink-window, or for analysis "
                         "the oracle (each head's top keys) and the perfect estimate (SEA's bins chosen by the "

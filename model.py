@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from reformer import LSHAttention, ReformerConfig
 from sea import (GrowingRows, OracleAttention, PerfectEstimateAttention, PerformerAttention, SEAAttention, SEAConfig,
-                 SinkWindowAttention, WindowAttention, causal_mask)
+                 SinkWindowAttention, WindowAttention, causal_mask, exact_attention)
+from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
@@ -124,13 +125,6 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # attention mechanisms: (q, k, v) of shape (B, H, T, D), q already scaled -> (out, aux)
 
-def causal_attention_probs(q, k):
-    """softmax(q k^T) over keys j <= i, in float32: (B, H, T, D) x 2 -> (B, H, T, T)."""
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)).float()
-    return scores.masked_fill(~causal_mask(torch.arange(T, device=q.device), T), float("-inf")).softmax(dim=-1)
-
-
 class DenseAttention(nn.Module):
     """Causal softmax attention. SDPA for speed; eager (the T x T probabilities materialized,
     as Hugging Face's OPT does) when they are wanted, or always with eager=True."""
@@ -143,7 +137,7 @@ class DenseAttention(nn.Module):
         if not (need_weights or self.eager):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
             return out, {}
-        probs = causal_attention_probs(q, k)
+        probs = exact_attention(q, k, torch.arange(q.size(2), device=q.device))  # (B, H, T, T)
         return (probs.to(v.dtype) @ v), {"probs": probs}
 
     def extend(self, q, k, v, start, state):
@@ -460,8 +454,7 @@ def read_checkpoint(path):
 
 def is_gguf(path):
     """A .gguf file, or any file that starts with GGUF's magic."""
-    with open(path, "rb") as f:
-        return path.suffix == ".gguf" or f.read(4) == b"GGUF"
+    return path.suffix == ".gguf" or has_gguf_magic(path)
 
 
 def is_pretrained_source(name_or_path):

@@ -557,13 +557,14 @@ class OracleAttention(WindowAttention):
     by the exact attention (T x T work): the best choice of that many keys."""
 
     def key_mask(self, q, k, rows, width):
-        rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T): 0 for the top key
+        rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T), 0: top key
         return (rank < width[:, None]) & causal_mask(rows, k.size(2))
 
 
 def exact_attention(q, k, rows):
-    """softmax(q k^T) of the query rows q (B, H, R, D) at positions `rows` over keys j <= i: (B, H, R, T)."""
-    scores = full_precision(q) @ full_precision(k).transpose(-2, -1)
+    """softmax(q k^T) of the query rows q (B, H, R, D) at positions `rows` over keys j <= i, in float32:
+    (B, H, R, T). The dense teacher's maps (model.py) and the analysis kinds' choice of keys."""
+    scores = (q @ k.transpose(-2, -1)).float()
     return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
 
 

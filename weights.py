@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from data import PRETRAINED, bytes_to_unicode, default_cache_dir, fetch_pretrained, get_tokenizer, gguf_field, read_gguf
+from data import (PRETRAINED, REQUIRED, bytes_to_unicode, default_cache_dir, fetch_pretrained, get_tokenizer, gguf_field,
+                  read_gguf)
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 LLAMA_FAMILY = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, pre_ln=True)
@@ -80,16 +81,17 @@ def read_gguf_model(path, tokenizer=None, adjacent_rotary_pairs=False):
     back in Hugging Face's rotary layout unless adjacent_rotary_pairs (which only a test wants: it
     shows that the two layouts give different models)."""
     reader = read_gguf(path)
-    field = lambda key: gguf_field(reader, key, path)
+    field = lambda key, default=REQUIRED: gguf_field(reader, key, path, default)
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported (llama is)")
     n_head, n_embd = field("llama.attention.head_count"), field("llama.embedding_length")
-    n_kv_head = field("llama.attention.head_count_kv") if "llama.attention.head_count_kv" in reader.fields else n_head
+    n_kv_head = field("llama.attention.head_count_kv", n_head)
     head_dim = n_embd // n_head
-    if "llama.rope.dimension_count" in reader.fields and field("llama.rope.dimension_count") != head_dim:
-        raise ValueError(f"{path}: rotary positions on {field('llama.rope.dimension_count')} of {head_dim} "
-                         f"head dims are not supported (all of them are)")
+    rotary_dims = field("llama.rope.dimension_count", head_dim)
+    if rotary_dims != head_dim:
+        raise ValueError(f"{path}: rotary positions on {rotary_dims} of {head_dim} head dims are not supported "
+                         f"(all of them are)")
     state = {}
     for tensor in reader.tensors:
         state[gguf_tensor_name(tensor.name, path)] = dequantize(tensor, path)
@@ -102,7 +104,7 @@ def read_gguf_model(path, tokenizer=None, adjacent_rotary_pairs=False):
     fields = dict(LLAMA_FAMILY, n_layer=field("llama.block_count"), n_embd=n_embd, n_head=n_head,
                   n_kv_head=n_kv_head, ffn_dim=field("llama.feed_forward_length"),
                   block_size=field("llama.context_length"), norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-                  rope_base=float(field("llama.rope.freq_base")) if "llama.rope.freq_base" in reader.fields else 10000.0,
+                  rope_base=float(field("llama.rope.freq_base", 10000.0)),
                   vocab_size=vocab, tied_output="lm_head.weight" not in state,
                   tokenizer=tokenizer or str(Path(path).resolve()))
     return fields, state
