@@ -118,11 +118,11 @@ def same_count_recalls(probs, kept_mask, counts, sinks=4):
     return recall, window, sink_window, oracle
 
 
-def perfect_estimate_recall(probs, k, bins):
+def perfect_estimate_recall(probs, k, t_m):
     """The recall SEA's bins allow: the grouped top-k of step 5 run on the teacher's own attention
     mass per bin, as if the estimate were perfect. probs (B, H, T, T) -> (B, H, T)."""
     rows = torch.arange(probs.size(-1), device=probs.device)
-    return (probs * kept_key_mask(perfect_estimate_bins(probs, rows, k, bins))).sum(-1)
+    return (probs * kept_key_mask(perfect_estimate_bins(probs, rows, k, t_m))).sum(-1)
 
 
 def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS):
@@ -144,7 +144,7 @@ def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS
         counts = s_layer["kept_per_head"]  # (B, H, T)
         recall, window, sink_window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts,
                                                                  sea.sinks)
-        best = perfect_estimate_recall(t_layer["probs"], sea.k, sea.predictor_length)
+        best = perfect_estimate_recall(t_layer["probs"], sea.k, sea.t_m)
         measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths, recall=recall,
                         window=window, sink_window=sink_window, oracle=oracle, best_estimate=best)
         stats = {}
@@ -152,7 +152,8 @@ def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS
             stats[name] = value.mean().item()
             stats[name + "_late"] = value[:, :, half:].mean().item()
         per_layer.append(stats)
-    return {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
+    averages = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
+    return dict(averages, per_layer=per_layer)
 
 
 def format_mask_statistics(stats):
@@ -177,11 +178,7 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
               ("SEA kept keys", s_layer["kept_mask"][0, head].float())]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for ax, (title, image) in zip(axes, panels):
-        shown = image.clamp_min(1e-4).log10() if "attention" in title else image
-        ax.imshow(shown.cpu().numpy(), cmap="viridis" if "attention" in title else "gray_r", interpolation="nearest")
-        ax.set_title(title)
-        ax.set_xlabel("key")
-        ax.set_ylabel("query")
+        draw_map(ax, image, title, log_scale="attention" in title)
     layer_number = layer % len(teacher_layers)
     fig.suptitle(f"layer {layer_number}, head {head}, first window ({idx.size(1)} tokens) of the split "
                  f"(attention maps on a log10 scale)")
@@ -189,6 +186,94 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def head_kinds(probs, k, sinks):
+    """What each head of one layer does on its late rows (the second half), for picking heads to show.
+    probs (B, H, T, T) -> three (H,) tensors: the mass on the first `sinks` keys (sink heads), on
+    the k most recent keys (local heads), and content: the mass the teacher's own top k keys hold
+    beyond what the sink-window of k keys holds (heads that attend by content score high)."""
+    B, H, T, _ = probs.shape
+    counts = torch.full((B, H, T), k, device=probs.device).minimum(torch.arange(1, T + 1, device=probs.device))
+    _, window, sink_window, oracle = same_count_recalls(probs, probs > 0, counts, sinks)
+    late = lambda x: x[:, :, T // 2:].mean((0, 2))
+    return late(probs[..., :sinks].sum(-1)), late(window), late(oracle - sink_window)
+
+
+def plot_pretrained_attention(student, teacher, tokens, block_size, path, shown_per_kind=3):
+    """Two rows of pictures on the split's first window. Top: the head that attends most by content
+    (head_kinds' content score, over all layers), as the teacher, SEA's estimate and SEA's kept keys
+    see it. Bottom: the strongest sink heads, local heads and content heads side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    idx = sample_windows(tokens, block_size, 1).to(next(student.parameters()).device)
+    teacher_layers, student_layers = attention_internals(student, teacher, idx)
+    sea = student.config.sea
+    kinds = torch.stack([torch.stack(head_kinds(layer["probs"], sea.k, sea.sinks)) for layer in teacher_layers])
+    H = kinds.size(-1)  # kinds: (layers, 3 kinds, H)
+    best = {name: kinds[:, number].flatten().topk(shown_per_kind).indices.tolist()
+            for number, name in enumerate(("sink", "local", "content"))}
+    layer, head = divmod(best["content"][0], H)
+    t_probs, s_layer = teacher_layers[layer]["probs"][0], student_layers[layer]
+    fig = plt.figure(figsize=(15, 9.5))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.15, 1])
+    panels = [("teacher attention", t_probs[head]),
+              ("SEA estimated attention", estimated_attention_map(s_layer["scores"])[0, head]),
+              ("SEA kept keys", s_layer["kept_mask"][0, head].float())]
+    for ax, (title, image) in zip(top.subplots(1, 3), panels):
+        draw_map(ax, image, title, log_scale="attention" in title)
+    top.suptitle(f"the most content-driven head: layer {layer}, head {head} (its top {sea.k} keys hold "
+                 f"{kinds[layer, 2, head]:.2f} more of a late row's mass than {sea.sinks} sinks + the recent "
+                 f"ones); first window ({idx.size(1)} tokens), log10 scale")
+    axes = bottom.subplots(1, 3 * shown_per_kind)
+    for ax, (name, flat) in zip(axes, [(name, i) for name, picks in best.items() for i in picks]):
+        kind_layer, kind_head = divmod(flat, H)
+        sink, local, content = kinds[kind_layer, :, kind_head].tolist()
+        draw_map(ax, teacher_layers[kind_layer]["probs"][0, kind_head],
+                 f"{name}: L{kind_layer} H{kind_head}\nsinks {sink:.2f} local {local:.2f} +{content:.2f}",
+                 log_scale=True, small=True)
+    bottom.suptitle(f"teacher heads by kind (late rows: mass on the first {sea.sinks} keys, on the {sea.k} "
+                    f"most recent, and content: what the top {sea.k} keys add over the sink-window)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path} (content head: layer {layer}, head {head})")
+
+
+def plot_layer_recall(rows, path):
+    """Late-row recall layer by layer, one line per row of describe() that kept keys (its
+    per_layer figures), and the sink-window's as a dashed line, from the first such row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    masked = {name: row["per_layer"] for name, row in rows.items() if "per_layer" in row}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, layers in masked.items():
+        ax.plot([layer["recall_late"] for layer in layers], "o-", markersize=3, label=name)
+    first = next(iter(masked.values()))
+    ax.plot([layer["sink_window_late"] for layer in first], "k--", label="same-count sink-window")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("teacher attention mass on the kept keys")
+    ax.set_title("late-row recall per layer")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def draw_map(ax, image, title, log_scale, small=False):
+    """One attention map (or kept-key mask) as an image, queries down, keys across."""
+    shown = image.clamp_min(1e-4).log10() if log_scale else image
+    ax.imshow(shown.cpu().numpy(), cmap="viridis" if log_scale else "gray_r", interpolation="nearest")
+    ax.set_title(title, fontsize=8 if small else 11)
+    if small:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
 
 
 def read_history(path):
@@ -410,7 +495,7 @@ def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), mo
     budget = memory_budget(device)
     common = dict(kind="attention", heads=heads, head_dim=head_dim, device=device, dtype=dtype,
                   sea=dict(sea.__dict__))
-    print(f"attention alone, causal, B=1 H={heads} D={head_dim}, T_M={sea.predictor_length} "
+    print(f"attention alone, causal, B=1 H={heads} D={head_dim}, T_M={sea.t_m} "
           f"k={sea.k}, on {device_name(device)}, {dtype}; time (ms) / peak memory (MB)")
     print(f"{'T':>7} " + " ".join(f"{m:>20}" for m in methods))
     records = []
@@ -591,9 +676,10 @@ def parse_args(argv):
                         "output is the exact softmax over the kept keys): window, sink-window, or for analysis "
                         "the oracle (each head's top keys) and the perfect estimate (SEA's bins chosen by the "
                         "exact attention)")
-    p.add_argument("--k", type=positive_int, default=SEAConfig.k, help="--attn: kept keys per query per head")
-    p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
-                   help="--attn: T_M, the bins of a compressed row")
+    p.add_argument("--k", type=positive_int, default=SEAConfig.k,
+                   help="--attn: kept keys per query per head, on average over the heads")
+    p.add_argument("--t-m", type=positive_int, default=SEAConfig.t_m,
+                   help="--attn: T_M, the predictor length: bins per compressed attention row")
     p.add_argument("--sinks", type=non_negative_int, default=SEAConfig.sinks, help="--attn sink-window: first keys kept")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--block-size", type=positive_int, help="window length (default: the model's block_size)")
@@ -642,7 +728,7 @@ def attention_swap(args):
     """--attn and its knobs as config overrides for load_model (none without --attn)."""
     if not args.attn:
         return {}
-    return dict(attn=args.attn, sea=SEAConfig(k=args.k, predictor_length=args.predictor_length, sinks=args.sinks))
+    return dict(attn=args.attn, sea=SEAConfig(k=args.k, t_m=args.t_m, sinks=args.sinks))
 
 
 def evaluate_model(p, args, model):

@@ -6,8 +6,8 @@ captured in a CUDA graph. sea.py holds the readable PyTorch versions they are te
 
 1. select_bins: step 5, the grouped top-k of each row, one program per (batch, query row)
 
-    load the row's H x M probabilities p (a 2-D tile)     empty bins of short rows rank last
-    rank key = (bits of p) << log2(H M) | (H M - 1 - cell)  unique; larger p first, then lower cell
+    load the row's H x T_M probabilities p (a 2-D tile)     empty bins of short rows rank last
+    rank key = (bits of p) << log2(H T_M) | (H T_M - 1 - cell)  unique; larger p first, then lower cell
     bisect for the n_i-th largest key t                     n_i = the row's budget
     keep = key >= t                                         exactly n_i cells, ties to the lower cell
 
@@ -39,8 +39,8 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 @triton.jit
 def select_bins_kernel(
-    P, Keep, Budget,  # P: (B, H, R, M) float32 probabilities; Keep: (B, H, R, M) int8; Budget: (R,) int64
-    H, R, row0, M,  # heads, rows in this launch, first row's position, bins per row
+    P, Keep, Budget,  # P: (B, H, R, T_M) float32 probabilities; Keep: (B, H, R, T_M) int8; Budget: (R,) int64
+    H, R, row0, T_M,  # heads, rows in this launch, first row's position, bins per row
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_BITS: tl.constexpr,
 ):
     program = tl.program_id(0)  # = b * R + row
@@ -48,14 +48,14 @@ def select_bins_kernel(
     i = row0 + row  # the query position: keys 0..i
     h = tl.arange(0, BLOCK_H)[:, None]
     c = tl.arange(0, BLOCK_C)[None, :]
-    valid = (h < H) & (c < M)
-    offsets = ((b * H + h) * R + row) * M + c  # (BLOCK_H, BLOCK_C)
+    valid = (h < H) & (c < T_M)
+    offsets = ((b * H + h) * R + row) * T_M + c  # (BLOCK_H, BLOCK_C)
     p = tl.load(P + offsets, mask=valid, other=0.0)
     # a bin holds keys [start, end); short rows have empty bins, which rank below every real one
-    start = (2 * c * (i + 1) + M - 1) // (2 * M)
-    end = (2 * (c + 1) * (i + 1) + M - 1) // (2 * M)
+    start = (2 * c * (i + 1) + T_M - 1) // (2 * T_M)
+    end = (2 * (c + 1) * (i + 1) + T_M - 1) // (2 * T_M)
     value = tl.where(end > start, p.to(tl.int32, bitcast=True).to(tl.int64) + 1, 0)  # p >= 0: bits order like p
-    cell = h * M + c
+    cell = h * T_M + c
     key = tl.where(valid, (value << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - cell), -1)
     # bisect for the largest t with at least n keys >= t: the n-th largest key
     n = tl.load(Budget + row)
@@ -71,12 +71,12 @@ def select_bins_kernel(
 
 def select_bins(p_hat, row0, budget):
     """sea.grouped_topk for the rows row0 .. row0 + R - 1, with their budget (R,) given (it is known
-    from the positions alone): p_hat (B, H, R, M) -> keep (B, H, R, M) bool."""
-    B, H, R, M = p_hat.shape
-    keep = torch.empty(B, H, R, M, dtype=torch.int8, device=p_hat.device)
-    index_bits = max(1, (H * M - 1).bit_length())
-    select_bins_kernel[(B * R,)](p_hat.float().contiguous(), keep, budget.contiguous(), H, R, row0, M,
-                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(M),
+    from the positions alone): p_hat (B, H, R, T_M) -> keep (B, H, R, T_M) bool."""
+    B, H, R, T_M = p_hat.shape
+    keep = torch.empty(B, H, R, T_M, dtype=torch.int8, device=p_hat.device)
+    index_bits = max(1, (H * T_M - 1).bit_length())
+    select_bins_kernel[(B * R,)](p_hat.float().contiguous(), keep, budget.contiguous(), H, R, row0, T_M,
+                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_C=triton.next_power_of_2(T_M),
                                  INDEX_BITS=index_bits)
     return keep.bool()
 
@@ -87,8 +87,8 @@ def select_bins(p_hat, row0, budget):
 @triton.jit
 def sparse_attention_blocks_kernel(
     Q, K, V, Out,  # Q, Out: (B, H, R, D) the launch's query rows; K, V: (B, H, T, D); all contiguous
-    Keep, Union,  # Keep: (B, H, R, M) int8 kept bins; Union: (B, H, n_blocks, M) int8, kept by any row of a block
-    T, R, row0, M, n_blocks,
+    Keep, Union,  # Keep: (B, H, R, T_M) int8 kept bins; Union: (B, H, n_blocks, T_M) int8, kept by any row of a block
+    T, R, row0, T_M, n_blocks,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter gets bfloat16 tl.dot wrong)
 ):
@@ -104,11 +104,11 @@ def sparse_attention_blocks_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_M, D], tl.float32)  # running sum of exp(score - m) * v
     first_row, last_row = row0 + block * BLOCK_M, row0 + tl.minimum(block * BLOCK_M + BLOCK_M, R) - 1
-    for c in range(0, M):
-        if tl.load(Union + (bh * n_blocks + block) * M + c) != 0:
-            kept = tl.load(Keep + (bh * R + rows) * M + c, mask=row_valid, other=0) != 0  # (BLOCK_M,)
-            start = (2 * c * (first_row + 1) + M - 1) // (2 * M)  # bin edges grow with the row
-            end = (2 * (c + 1) * (last_row + 1) + M - 1) // (2 * M)
+    for c in range(0, T_M):
+        if tl.load(Union + (bh * n_blocks + block) * T_M + c) != 0:
+            kept = tl.load(Keep + (bh * R + rows) * T_M + c, mask=row_valid, other=0) != 0  # (BLOCK_M,)
+            start = (2 * c * (first_row + 1) + T_M - 1) // (2 * T_M)  # bin edges grow with the row
+            end = (2 * (c + 1) * (last_row + 1) + T_M - 1) // (2 * T_M)
             for n in range(start, end, BLOCK_N):
                 j = n + tl.arange(0, BLOCK_N)
                 k = tl.load(K + (bh * T + j[:, None]) * D + d[None, :], mask=(j < end)[:, None], other=0.0)
@@ -116,7 +116,7 @@ def sparse_attention_blocks_kernel(
                 if UPCAST:
                     k, v = k.to(tl.float32), v.to(tl.float32)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
-                in_bin = (2 * j[None, :] + 1) * M // (2 * (i[:, None] + 1)) == c
+                in_bin = (2 * j[None, :] + 1) * T_M // (2 * (i[:, None] + 1)) == c
                 visible = in_bin & kept[:, None] & (j[None, :] <= i[:, None]) & (j[None, :] < end)
                 scores = tl.where(visible, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -132,20 +132,20 @@ def sparse_attention_blocks_kernel(
 
 def sparse_attention_blocks(q, k, v, keep, row0, block_m=64, block_n=64):
     """Same contract as sea.sparse_attention: q (B, H, R, D) rows row0 .. row0 + R - 1, k, v
-    (B, H, T, D) fp32/fp16/bf16, keep (B, H, R, M) bool. Returns (B, H, R, D) float32."""
+    (B, H, T, D) fp32/fp16/bf16, keep (B, H, R, T_M) bool. Returns (B, H, R, D) float32."""
     B, H, R, D = q.shape
-    T, M = k.size(2), keep.size(-1)
+    T, T_M = k.size(2), keep.size(-1)
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"the Triton SEA kernels support head dims {SUPPORTED_HEAD_DIMS}, got {D}; "
                          f"use SEAConfig(use_kernel=False)")
     n_blocks = triton.cdiv(R, block_m)
     padded = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * block_m - R))
-    union = padded.view(B, H, n_blocks, block_m, M).any(dim=3)  # (B, H, n_blocks, M)
+    union = padded.view(B, H, n_blocks, block_m, T_M).any(dim=3)  # (B, H, n_blocks, T_M)
     out = torch.empty(B, H, R, D, dtype=torch.float32, device=q.device)
     q, k, v = (t.contiguous() for t in (q, k, v))
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     sparse_attention_blocks_kernel[(n_blocks, B * H)](
         q, k, v, out, keep.to(torch.int8).contiguous(), union.to(torch.int8).contiguous(),
-        T, R, row0, M, n_blocks, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        T, R, row0, T_M, n_blocks, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)  # fp32 stays exact
     return out

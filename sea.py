@@ -2,20 +2,20 @@
 SEA: Sparse linear attention with an Estimated Attention mask (Lee et al., ICLR 2024).
 
 Every query's attention row is first *estimated* cheaply, in a compressed form of
-M = T_M bins, then a few bins are kept and exact softmax attention runs on their
+T_M bins (the predictor length), then a few bins are kept and exact softmax attention runs on their
 keys only. The steps follow the paper:
 
   1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
   2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
   3. decode            a small causal CNN turns e into compressed scores s_hat (an option
                        beyond the paper adds each bin's mean logit q . mean(k): pooled_keys)
-  4. probabilities     p_hat = softmax(s_hat) over the M bins
+  4. probabilities     p_hat = softmax(s_hat) over the T_M bins
   5. grouped top-k     keep the best bins of all heads together, a budget per row
   6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, key)
   7. sparse attention  exact softmax over the kept keys, times a gate
   8. mix               with the running mean of the values, by a second gate
 
-Shapes: B batch, H heads, T sequence, D head dim, M bins, R query rows of a chunk.
+Shapes: B batch, H heads, T sequence, D head dim, T_M bins, R query rows of a chunk.
 At inference nothing here is T x T but the helpers for the loss and pictures at the
 bottom: the rows go a chunk at a time, each chunk handing the next the state it needs
 (the same state that decoding one token at a time keeps). Training runs step 7 as a
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 @dataclass
 class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
-    predictor_length: int = 256  # M = T_M, the width of a compressed attention row
+    t_m: int = 256  # T_M, the predictor length: bins per compressed attention row
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
     query_chunk: int = 128  # query rows per step at inference, all eight steps (bounds memory; on a
     # CPU smaller chunks are also faster: their gathered keys stay in cache)
@@ -46,8 +46,8 @@ class SEAConfig:
     def __post_init__(self):
         if self.k < 1:
             raise ValueError(f"SEAConfig.k={self.k} must be >= 1")
-        if self.predictor_length < 4 or self.predictor_length % 4:
-            raise ValueError(f"SEAConfig.predictor_length={self.predictor_length} must be a "
+        if self.t_m < 4 or self.t_m % 4:
+            raise ValueError(f"SEAConfig.t_m={self.t_m} must be a "
                              f"positive multiple of 4 (the decoder upsamples by 4)")
         if self.nbf <= 0:
             raise ValueError(f"SEAConfig.nbf={self.nbf} must be positive")
@@ -127,9 +127,9 @@ class PerformerAttention(nn.Module):
 # step 3: the compressed-score decoder
 
 class CompressedScoreDecoder(nn.Module):
-    """e (B, H, T, 2D) -> compressed scores s_hat (B, H, T, M).
+    """e (B, H, T, 2D) -> compressed scores s_hat (B, H, T, T_M).
 
-    r = Linear(e) gives two channels of M/4 per head; a CNN over the image (query rows
+    r = Linear(e) gives two channels of T_M/4 per head; a CNN over the image (query rows
     x bins) with causal 3x3 convolutions (dilation 2, padded above only, so a row sees
     itself and earlier rows), a x4 nearest upsample along the bins and a 1x1 convolution
     to one channel per head (run before the upsample, which gives the same numbers on a
@@ -138,15 +138,15 @@ class CompressedScoreDecoder(nn.Module):
 
     HALO = 8  # rows above a chunk the two dilated convolutions reach: 2 convs x dilation 2 x 2 taps
 
-    def __init__(self, n_head, width, bins):
+    def __init__(self, n_head, width, t_m):
         super().__init__()
-        self.bins = bins
-        self.project = nn.Linear(width, 2 * bins // 4)
-        self.norm_in = nn.LayerNorm(bins // 4)
+        self.t_m = t_m
+        self.project = nn.Linear(width, 2 * t_m // 4)
+        self.norm_in = nn.LayerNorm(t_m // 4)
         self.conv1 = nn.Conv2d(2 * n_head, 2 * n_head, kernel_size=3, dilation=2)
         self.conv2 = nn.Conv2d(2 * n_head, 2 * n_head, kernel_size=3, dilation=2)
         self.to_heads = nn.Conv2d(2 * n_head, n_head, kernel_size=1)
-        self.norm_out = nn.LayerNorm(bins)
+        self.norm_out = nn.LayerNorm(t_m)
 
     @staticmethod
     def causal_conv(conv, x):
@@ -154,54 +154,54 @@ class CompressedScoreDecoder(nn.Module):
 
     def forward(self, e):
         B, H, T, _ = e.shape
-        r = self.project(e).view(B, H, T, 2, self.bins // 4)
-        x = r.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, self.bins // 4)  # channels (h, 2)
+        r = self.project(e).view(B, H, T, 2, self.t_m // 4)
+        x = r.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, T, self.t_m // 4)  # channels (h, 2)
         x = F.relu(self.causal_conv(self.conv1, self.norm_in(x)))
         x = F.relu(self.causal_conv(self.conv2, x))
         # the 1x1 convolution and the x4 nearest upsample commute: convolve the quarter-width image
-        x = self.to_heads(x).repeat_interleave(4, dim=-1)  # (B, H, T, M)
+        x = self.to_heads(x).repeat_interleave(4, dim=-1)  # (B, H, T, T_M)
         return self.norm_out(x)
 
 
 # -----------------------------------------------------------------------------
 # steps 5-6: the kept-bin budget, bins as key ranges, decompression
 
-def row_budget(rows, n_head, k, bins):
-    """Step 5: query row i keeps n_i = clamp(round(H * k * M / (i + 1)), 1, H * M) bins."""
-    return torch.round(n_head * k * bins / (rows.double() + 1)).long().clamp(1, n_head * bins)
+def row_budget(rows, n_head, k, t_m):
+    """Step 5: query row i keeps n_i = clamp(round(H * k * T_M / (i + 1)), 1, H * T_M) bins."""
+    return torch.round(n_head * k * t_m / (rows.double() + 1)).long().clamp(1, n_head * t_m)
 
 
-def bin_edges(rows, bins):
-    """(R, M + 1): bin c of row i holds keys [edges[c], edges[c + 1]).
+def bin_edges(rows, t_m):
+    """(R, T_M + 1): bin c of row i holds keys [edges[c], edges[c + 1]).
 
-    Key j <= i falls in bin c(i, j) = floor((j + 0.5) * M / (i + 1)), so bin c starts at
-    the first j with (2j + 1) M >= 2 c (i + 1): ceil((2c(i + 1) - M) / 2M), which for
-    j >= 0 is floor((2c(i + 1) + M - 1) / 2M). kernel.py computes the same in Triton.
+    Key j <= i falls in bin c(i, j) = floor((j + 0.5) * T_M / (i + 1)), so bin c starts at
+    the first j with (2j + 1) T_M >= 2 c (i + 1): ceil((2c(i + 1) - T_M) / 2M), which for
+    j >= 0 is floor((2c(i + 1) + T_M - 1) / 2M). kernel.py computes the same in Triton.
     """
-    c = torch.arange(bins + 1, device=rows.device)
-    return (2 * c * (rows[:, None] + 1) + bins - 1) // (2 * bins)
+    c = torch.arange(t_m + 1, device=rows.device)
+    return (2 * c * (rows[:, None] + 1) + t_m - 1) // (2 * t_m)
 
 
-def bin_widths(rows, bins):
-    """(R, M): how many keys each bin of each row holds (0 for the empty bins of short rows)."""
-    return bin_edges(rows, bins).diff(dim=1)
+def bin_widths(rows, t_m):
+    """(R, T_M): how many keys each bin of each row holds (0 for the empty bins of short rows)."""
+    return bin_edges(rows, t_m).diff(dim=1)
 
 
 def grouped_topk(p_hat, rows, k):
-    """Step 5: keep the top n_i of the H * M cells of each row, across heads together.
+    """Step 5: keep the top n_i of the H * T_M cells of each row, across heads together.
 
-    p_hat (B, H, R, M) -> keep (B, H, R, M) bool. Bins that hold no key (rows shorter
-    than M) are ranked last, so short rows with a large budget come out dense.
+    p_hat (B, H, R, T_M) -> keep (B, H, R, T_M) bool. Bins that hold no key (rows shorter
+    than T_M) are ranked last, so short rows with a large budget come out dense.
     """
-    B, H, R, M = p_hat.shape
-    empty = bin_widths(rows, M) == 0  # (R, M)
-    cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * M)
-    budget = row_budget(rows, H, k, M)  # (R,)
+    B, H, R, T_M = p_hat.shape
+    empty = bin_widths(rows, T_M) == 0  # (R, T_M)
+    cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * T_M)
+    budget = row_budget(rows, H, k, T_M)  # (R,)
     top = rank_keys(cells).topk(int(budget.max()), dim=-1).indices  # (B, R, n_max)
     in_budget = torch.arange(top.size(-1), device=rows.device) < budget[:, None]  # (R, n_max)
-    keep = torch.zeros(B, R, H * M, dtype=torch.bool, device=rows.device)
+    keep = torch.zeros(B, R, H * T_M, dtype=torch.bool, device=rows.device)
     keep.scatter_(-1, top, in_budget.expand(B, R, -1))
-    return keep.view(B, R, H, M).transpose(1, 2)
+    return keep.view(B, R, H, T_M).transpose(1, 2)
 
 
 def rank_keys(cells):
@@ -217,7 +217,7 @@ def rank_keys(cells):
 def decompress(keep, rows):
     """Step 6: kept bins -> key ranges, one per kept (batch, head, row, bin) cell.
 
-    keep (B, H, R, M) bool, rows (R,) the query positions. Returns 1-D tensors b, h, r
+    keep (B, H, R, T_M) bool, rows (R,) the query positions. Returns 1-D tensors b, h, r
     (r indexes the chunk, 0..R-1) and the cell's keys [start, start + length). Cells of
     one (batch, head, row) are contiguous and in key order: the FlatCSR of the paper.
     """
@@ -233,7 +233,7 @@ def decompress(keep, rows):
 def sparse_attention(q, k, v, keep, row0):
     """Softmax attention of query rows row0 .. row0 + R - 1 over their kept keys only.
 
-    q (B, H, R, D) those rows' queries; k, v (B, H, T, D); keep (B, H, R, M). Returns
+    q (B, H, R, D) those rows' queries; k, v (B, H, T, D); keep (B, H, R, T_M). Returns
     (B, H, R, D), at least float32; a head that kept no bin in a row gets zeros there (the
     running-mean gate carries it).
     Each kept cell's key range is gathered as one block of W keys (W = the widest bin,
@@ -445,16 +445,16 @@ class GatedSparseAttention(nn.Module):
 class SEAAttention(GatedSparseAttention):
     """SEA: the estimate (steps 1-4) picks the kept bins (5-6) of a sparse softmax (7)."""
 
-    KERNEL_CHUNK = 16384  # query rows per step of the Triton path: bounds the (B, H, R, M) estimate
+    KERNEL_CHUNK = 16384  # query rows per step of the Triton path: bounds the (B, H, R, T_M) estimate
 
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__(n_head, head_dim, max_positions, cfg)
-        self.decoder = CompressedScoreDecoder(n_head, 2 * head_dim, cfg.predictor_length)
+        self.decoder = CompressedScoreDecoder(n_head, 2 * head_dim, cfg.t_m)
         if cfg.pooled_keys:
             self.pooled_scale = nn.Parameter(torch.ones(n_head, 1, 1))
 
     def estimate(self, q, k, v):
-        """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, M)."""
+        """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, T_M)."""
         with torch.autocast(q.device.type, enabled=False):
             return self.compressed_scores(q, self.encode(q, k, v)[0], 0, 0, self.key_prefix(k, None))
 
@@ -464,7 +464,7 @@ class SEAAttention(GatedSparseAttention):
         return KeyPrefixSums(new_k) if before is None else before.extend(new_k)
 
     def compressed_scores(self, q, e, e_start, row0, key_prefix):
-        """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, M),
+        """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, T_M),
         which needs e (rows from position e_start on) from the HALO rows above; with
         SEAConfig.pooled_keys, plus each bin's mean logit from the KeyPrefixSums."""
         R, halo = q.size(2), CompressedScoreDecoder.HALO
@@ -472,7 +472,7 @@ class SEAAttention(GatedSparseAttention):
         s_hat = self.decoder(e[:, :, first - e_start:row0 + R - e_start])[:, :, -R:]
         if self.cfg.pooled_keys:
             rows = torch.arange(row0, row0 + R, device=q.device)
-            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, key_prefix.sums(), rows, self.cfg.predictor_length)
+            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, key_prefix.sums(), rows, self.cfg.t_m)
         return s_hat
 
     def uses_kernel(self, q):
@@ -487,13 +487,13 @@ class SEAAttention(GatedSparseAttention):
         return 1024 if self.uses_kernel(q) else 128  # on a GPU, fewer and larger matmuls
 
     def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
-        T, M, R = k.size(2), self.cfg.predictor_length, q.size(2)
+        T, T_M, R = k.size(2), self.cfg.t_m, q.size(2)
         rows = torch.arange(row0, row0 + R, device=q.device)
         s_hat = self.compressed_scores(q, e, e_start, row0, key_prefix)  # step 3
         p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
         if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
             from kernel import select_bins, sparse_attention_blocks  # Triton is optional: import when used
-            keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, M))
+            keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))
             context = None if materialize else sparse_attention_blocks(q, k, v, keep, row0)
         else:
             keep = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
@@ -515,7 +515,7 @@ class WindowAttention(GatedSparseAttention):
     def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         B, H, T = k.shape[:3]
         rows = torch.arange(row0, row0 + q.size(2), device=q.device)
-        width = window_widths(rows, H, self.cfg.k, self.cfg.predictor_length)  # (R,)
+        width = window_widths(rows, H, self.cfg.k, self.cfg.t_m)  # (R,)
         mask = self.key_mask(q, k, rows, width).expand(B, H, -1, -1)  # (B, H, R, T)
         aux = dict(kept_per_head=width.expand(B, H, -1))
         if materialize:
@@ -544,7 +544,7 @@ class PerfectEstimateAttention(GatedSparseAttention):
 
     def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
         rows = torch.arange(row0, row0 + q.size(2), device=q.device)
-        keep = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.predictor_length)
+        keep = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
         mask = kept_key_mask(keep, row0, k.size(2))
         aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep)
         if materialize:
@@ -568,52 +568,52 @@ def exact_attention(q, k, rows):
     return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
 
 
-def perfect_estimate_bins(probs, rows, k, bins):
+def perfect_estimate_bins(probs, rows, k, t_m):
     """Step 5 run on the attention itself: each (head, bin) cell's mass of probs (B, H, R, T), the grouped
-    top-k over them -> kept bins (B, H, R, M)."""
+    top-k over them -> kept bins (B, H, R, T_M)."""
     B, H, R, T = probs.shape
-    mass = probs.new_zeros(B, H, R, bins).scatter_add_(-1, key_bins(rows, T, bins).expand(B, H, R, T), probs)
+    mass = probs.new_zeros(B, H, R, t_m).scatter_add_(-1, key_bins(rows, T, t_m).expand(B, H, R, T), probs)
     return grouped_topk(mass, rows, k)
 
 
-def pooled_key_scores(q, prefix, rows, bins):
+def pooled_key_scores(q, prefix, rows, t_m):
     """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
-    `rows`: (B, H, R, M), 0 for empty bins. An option beyond the paper (SEAConfig.pooled_keys):
+    `rows`: (B, H, R, T_M), 0 for empty bins. An option beyond the paper (SEAConfig.pooled_keys):
     it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
-    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, M D) D) work a row, whatever T."""
+    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, T_M D) D) work a row, whatever T."""
     q = full_precision(q)
     B, H, R, D = q.shape
-    edges = bin_edges(rows, bins)  # (R, M + 1)
+    edges = bin_edges(rows, t_m)  # (R, T_M + 1)
     if prefix.size(2) <= edges.size(1) * D:  # q_i . prefix[j] for all j, (B, H, R, T + 1), is the smaller
         at_edges = (q @ prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
-    else:  # long rows: the prefix rows at the edges, (B, H, R, M + 1, D), dotted with q_i
+    else:  # long rows: the prefix rows at the edges, (B, H, R, T_M + 1, D), dotted with q_i
         at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])
     return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
 
 
-def window_widths(rows, n_head, k, bins):
+def window_widths(rows, n_head, k, t_m):
     """Keys per head of each row for the window control: SEA's budget n_i spread evenly over the
-    heads. A row holds E_i = min(i + 1, M) non-empty bins of (i + 1) / E_i keys each; it keeps
+    heads. A row holds E_i = min(i + 1, T_M) non-empty bins of (i + 1) / E_i keys each; it keeps
     min(n_i, H E_i) cells, so a head keeps min(n_i, H E_i) (i + 1) / (H E_i) keys on average."""
-    filled = torch.clamp(rows + 1, max=bins)
-    cells = torch.minimum(row_budget(rows, n_head, k, bins), n_head * filled)
+    filled = torch.clamp(rows + 1, max=t_m)
+    cells = torch.minimum(row_budget(rows, n_head, k, t_m), n_head * filled)
     return torch.round(cells * (rows + 1) / (n_head * filled)).long().clamp(1)
 
 
 def kept_keys_per_head(kept_bins, rows):
-    """(B, H, R, M) kept bins of rows `rows` -> (B, H, R): keys each head keeps in each row."""
-    widths = bin_widths(rows, kept_bins.size(-1))  # (R, M)
+    """(B, H, R, T_M) kept bins of rows `rows` -> (B, H, R): keys each head keeps in each row."""
+    widths = bin_widths(rows, kept_bins.size(-1))  # (R, T_M)
     return (kept_bins.long() * widths).sum(-1)
 
 
 # -----------------------------------------------------------------------------
 # T x T views: for the masks of training, the estimate loss, tests and pictures
 
-def key_bins(rows, T, bins):
-    """(R, T) long: bin c(i, j) = floor((j + 0.5) M / (i + 1)) of key j in row i (j > i clipped)."""
+def key_bins(rows, T, t_m):
+    """(R, T) long: bin c(i, j) = floor((j + 0.5) T_M / (i + 1)) of key j in row i (j > i clipped)."""
     i = rows[:, None]
     j = torch.arange(T, device=rows.device)[None, :]
-    return (((2 * j + 1) * bins) // (2 * (i + 1))).clamp(max=bins - 1)
+    return (((2 * j + 1) * t_m) // (2 * (i + 1))).clamp(max=t_m - 1)
 
 
 def causal_mask(rows, T):
@@ -636,19 +636,19 @@ def sink_window_mask(rows, T, width, sinks):
 
 
 def estimated_attention_map(scores):
-    """s_hat (B, H, T, M) -> the estimated attention (B, H, T, T): bins spread to keys, softmaxed."""
-    B, H, T, M = scores.shape
+    """s_hat (B, H, T, T_M) -> the estimated attention (B, H, T, T): bins spread to keys, softmaxed."""
+    B, H, T, T_M = scores.shape
     rows = torch.arange(T, device=scores.device)
-    spread = full_precision(scores).gather(-1, key_bins(rows, T, M).expand(B, H, T, T))
+    spread = full_precision(scores).gather(-1, key_bins(rows, T, T_M).expand(B, H, T, T))
     return spread.masked_fill(~causal_mask(rows, T), float("-inf")).softmax(-1)
 
 
 def kept_key_mask(kept_bins, row0=0, T=None):
-    """(B, H, R, M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i."""
-    B, H, R, M = kept_bins.shape
+    """(B, H, R, T_M) kept bins of rows row0.. -> (B, H, R, T) bool: key j attended by head h in row i."""
+    B, H, R, T_M = kept_bins.shape
     T = T or row0 + R
     rows = torch.arange(row0, row0 + R, device=kept_bins.device)
-    mask = kept_bins.gather(-1, key_bins(rows, T, M).expand(B, H, R, T))
+    mask = kept_bins.gather(-1, key_bins(rows, T, T_M).expand(B, H, R, T))
     return mask & causal_mask(rows, T)
 
 
@@ -660,14 +660,14 @@ def estimate_loss(scores, target):
     log_softmax, and both terms need only each bin's key count w and teacher mass a:
         KL  = sum_j t_j log t_j - sum_c a_c log p_c           (per row, averaged over rows)
         MSE = sum_c w_c p_c^2 - 2 sum_c a_c p_c + sum_j t_j^2  (summed, over all T x T entries)
-    scores (B, H, T, M) s_hat; target (B, H, T, T) causal probabilities. Equal to the same terms
+    scores (B, H, T, T_M) s_hat; target (B, H, T, T) causal probabilities. Equal to the same terms
     on the (B, H, T, T) estimated map, without building it.
     """
-    B, H, T, M = scores.shape
+    B, H, T, T_M = scores.shape
     rows = torch.arange(T, device=scores.device)
-    bins = key_bins(rows, T, M).expand(B, H, T, T)
+    bins = key_bins(rows, T, T_M).expand(B, H, T, T)
     visible = causal_mask(rows, T).to(target.dtype)
-    w = torch.zeros(T, M, dtype=target.dtype, device=scores.device).scatter_add_(-1, bins[0, 0], visible)
+    w = torch.zeros(T, T_M, dtype=target.dtype, device=scores.device).scatter_add_(-1, bins[0, 0], visible)
     a = torch.zeros_like(scores, dtype=target.dtype).scatter_add_(-1, bins, target)  # future keys: 0 mass
     scores = full_precision(scores)
     log_p = scores - torch.logsumexp(scores + w.clamp_min(1e-30).log(), dim=-1, keepdim=True)
@@ -681,7 +681,7 @@ def estimate_loss(scores, target):
 # -----------------------------------------------------------------------------
 # python sea.py: the eight steps on a small random input, with their shapes
 
-def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, predictor_length=16), rows=(3, 11, 23, 47)):
+def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 23, 47)):
     """Run SEAAttention once and print what each step produced, then a few rows' budgets and kept keys."""
     torch.manual_seed(0)
     attention = SEAAttention(H, D, T, cfg).eval()
@@ -709,7 +709,7 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, predictor_length=16), 
         ("1 linear estimate", "phi(q), phi(k)", shapes["features"][1].shape, f"m = {m} ReLU random features"),
         ("", "f = [c, v]", shapes["encoder"][0][0].shape, "c = causal FAVOR+ over [P, v], width 2D"),
         ("2 encode", "e", shapes["encoder"][1].shape, "GELU(LayerNorm(Linear(f)))"),
-        ("3 decode", "s_hat", shapes["decoder"][1].shape, f"causal CNN, T_M = {cfg.predictor_length} bins"),
+        ("3 decode", "s_hat", shapes["decoder"][1].shape, f"causal CNN, T_M = {cfg.t_m} bins"),
         ("4 probabilities", "p_hat", aux["scores"].shape, "softmax over the bins"),
         ("5 grouped top-k", "kept bins", aux["kept_bins"].shape,
          f"{int(aux['kept_bins'].sum())} (head, bin) cells kept in all"),
@@ -718,10 +718,10 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, predictor_length=16), 
         ("7 sparse attention", "(g0, g1)", shapes["gates"][1].shape, "softmax over kept keys, times sigmoid(g0)"),
         ("8 mix", "out", out.shape, "sigmoid(g1) * sparse + (1 - sigmoid(g1)) * running mean of v"),
     ]
-    print(f"SEA on a random input: B={B} H={H} T={T} D={D}, T_M={cfg.predictor_length}, k={cfg.k}\n")
+    print(f"SEA on a random input: B={B} H={H} T={T} D={D}, T_M={cfg.t_m}, k={cfg.k}\n")
     for step, name, shape, note in steps:
         print(f"{step:<20} {name:<16} {str(tuple(shape)):<18} {note}")
-    budget = row_budget(torch.arange(T), H, cfg.k, cfg.predictor_length)
+    budget = row_budget(torch.arange(T), H, cfg.k, cfg.t_m)
     print(f"\nrow i sees keys 0..i; it keeps n_i = round(H k T_M / (i + 1)) of its H x T_M cells (step 5):")
     for i in rows:
         ranges = {head: [] for head in range(H)}

@@ -1,10 +1,10 @@
 """
-Train on WikiText-2: a dense OPT teacher (from scratch or fine-tuned), or a SEA / Performer
-student distilled from a teacher; with no arguments, the whole CPU demo.
+Train on WikiText-2: a dense teacher (from scratch or fine-tuned), or a SEA / Performer / window
+student distilled from a teacher; with no arguments, the demo on SmolLM2-135M.
 
-    python train.py                                            # the whole CPU demo
+    python train.py                                            # the demo (SmolLM2, about 15 min on 2 cores)
     python train.py --method dense --preset tiny               # tiny teacher from scratch
-    python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --predictor-length 64
+    python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --t-m 64
     python train.py --method dense --init-from facebook/opt-125m --block-size 2048
     torchrun --standalone --nproc_per_node=2 train.py --method dense --preset tiny
 
@@ -55,6 +55,7 @@ def setup_distributed(device_flag):
 # models and optimizer
 
 OFFICIAL_BASELINES = ("performer", "reformer")  # trained with the official code's own recipe by default
+GATED_KINDS = ("sea", "window", "sink-window")  # sparse attention with SEA's gates (open_gates)
 
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
@@ -67,7 +68,7 @@ def build_student(args):
 
 
 def sea_config(args):
-    return SEAConfig(k=args.k, predictor_length=args.predictor_length, nbf=args.nbf,
+    return SEAConfig(k=args.k, t_m=args.t_m, nbf=args.nbf,
                      pooled_keys=args.pooled_keys)
 
 
@@ -76,7 +77,7 @@ def recipe(args):
     loss = "0.1 LM + 5 hidden + 0.2 KL" + (" + per-layer attention terms" if args.attention_terms else "")
     knobs = {"reformer": f"buckets of {args.k}, {args.n_hashes} hash rounds"
                          + (", official chunks" if args.official_chunks else ""),
-             "performer": f"nbf {args.nbf:g}"}.get(args.method, f"k {args.k}, T_M {args.predictor_length}, nbf {args.nbf:g}")
+             "performer": f"nbf {args.nbf:g}"}.get(args.method, f"k {args.k}, T_M {args.t_m}, nbf {args.nbf:g}")
     official = args.method in OFFICIAL_BASELINES and args.copied_lr_scale == 1.0 and not args.attention_terms
     return (f"recipe{' (the official ' + args.method + ' baseline)' if official else ''}: {knobs}; "
             f"new attention parameters x10, copied weights x{args.copied_lr_scale:g}; loss {loss}")
@@ -350,9 +351,10 @@ def train(args):
             if world > 1:
                 torch.distributed.destroy_process_group()
             return None
-    if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
-        for block in model.layers:
+    if (args.open_gates or args.training_free) and checkpoint is None:
+        for block in model.layers:  # the student starts as the exact softmax over its kept keys
             block.self_attn.mechanism.open_gates()
+    if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
         if master:
             save_checkpoint(ckpt_path, model, optimizer, 0, float("nan"), args)
             print(f"training-free SEA (estimator warm-up only, gates open): saved {ckpt_path}")
@@ -424,9 +426,10 @@ def parse_args(argv):
     p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a GGUF file, a Hugging "
                                      "Face directory, a hub name, or smollm2-135m (fetched once)")
     p.add_argument("--k", type=positive_int, default=SEAConfig.k,
-                   help="SEA/window: kept keys per query per head; reformer: the bucket size")
-    p.add_argument("--predictor-length", type=positive_int, default=SEAConfig.predictor_length,
-                   help="SEA: T_M, bins of the compressed attention rows")
+                   help="SEA/window: kept keys per query per head, on average over the heads (SEA's budget "
+                        "is shared by them); reformer: the bucket size")
+    p.add_argument("--t-m", type=positive_int, default=SEAConfig.t_m,
+                   help="SEA: T_M, the predictor length: bins per compressed attention row")
     p.add_argument("--nbf", type=positive_float, help="SEA/window/performer: feature factor, "
                                                        "m = D ln D / nbf features (default 8; performer 1)")
     p.add_argument("--n-hashes", type=positive_int, default=ReformerConfig.n_hashes, help="reformer: hash rounds")
@@ -447,6 +450,9 @@ def parse_args(argv):
     p.add_argument("--training-free", action="store_true",
                    help="sea: stop after the estimator warm-up and save the student with its gates open (the "
                         "teacher's weights, SEA's choice of keys, exact softmax over them); no distillation")
+    p.add_argument("--open-gates", action="store_true",
+                   help=f"{'/'.join(GATED_KINDS)}: distill from open gates, the student starting as the exact "
+                        "softmax over its kept keys (for a pretrained teacher; the paper starts them closed)")
     p.add_argument("--estimator-overfit", action="store_true",
                    help="SEA, the over-fit test: the warm-up trains on the very validation windows its "
                         "recall is measured on, then the run stops (no distillation, no checkpoint)")
@@ -455,7 +461,8 @@ def parse_args(argv):
     p.add_argument("--init-from", help="start from a train.py checkpoint, a pretrained model (smollm2-135m, a "
                                        "llama GGUF file), a Hugging Face directory "
                                        "or a hub name (facebook/opt-125m)")
-    p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>)")
+    p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>, or "
+                                     "out/<method>-<name> for a student of a named pretrained model)")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--data-dir", help=f"WikiText-2 folder (default ${DATA_ENV}, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
@@ -475,7 +482,8 @@ def parse_args(argv):
     p.add_argument("--log-interval", type=positive_int, default=10)
     p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype (default bfloat16 on CPU and capable GPUs, else float16)")
+                   help="autocast dtype (default float32 on CPU, where bfloat16 ran 5x slower on "
+                        "SmolLM2; bfloat16 on capable GPUs, else float16)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     return fill_defaults(args, p)
@@ -507,9 +515,13 @@ def fill_defaults(args, parser):
     if args.training_free and not (args.method == "sea" and args.estimator_iters):
         parser.error("--training-free saves SEA after its estimator warm-up: use it with --method sea "
                      "--estimator-iters N")
+    if args.open_gates and args.method not in GATED_KINDS:
+        parser.error(f"--open-gates opens the gates of {', '.join(GATED_KINDS)}; --method {args.method} has none")
     if args.estimator_overfit and not args.estimator_iters:
         parser.error("--estimator-overfit trains the warm-up on fixed windows: give it --estimator-iters N")
-    args.out_dir = args.out_dir or f"out/{args.method}-{args.preset}"
+    source = args.teacher or args.init_from  # a student of a named pretrained model is named after it
+    named = source and not Path(source).exists()
+    args.out_dir = args.out_dir or f"out/{args.method}-{source.replace('/', '-') if named else args.preset}"
     args.max_iters = args.max_iters or (600 if args.method == "dense" else 250)
     args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else args.max_iters // 12
     args.eval_interval = args.eval_interval or -(-args.max_iters // 3)  # ceil: thirds, then the end
@@ -519,7 +531,7 @@ def fill_defaults(args, parser):
     args.estimator_lr = args.estimator_lr or 10 * args.lr
     if args.dtype is None:
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        args.dtype = "bfloat16" if args.device == "cpu" or cuda_bf16 else "float16"
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16" if cuda_bf16 else "float16"
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout {args.dropout} must be in [0, 1)")
     return args
@@ -528,41 +540,58 @@ def fill_defaults(args, parser):
 # -----------------------------------------------------------------------------
 # the demo: python train.py with no arguments
 
-DEMO_TEACHER = ["--method", "dense", "--preset", "tiny"]
-# T = 256 here, so SEA's knobs shrink with it: k = 8 keys of rows 128..256 long is really sparse.
-# The estimate adds each bin's mean logit (--pooled-keys, beyond the paper: without it the paper's
-# estimate is no better than a sliding window on this teacher) and starts with 200 steps alone.
-DEMO_SEA = ["--method", "sea", "--teacher", "out/dense-tiny/ckpt.pt", "--k", "8", "--predictor-length", "64",
-            "--pooled-keys", "--estimator-iters", "200"]
+TEST_DATA_ENV = "SEA_TEST_DATA_DIR"  # the demo's test text, when it is not in the training folder
+DEMO_SWAPS = ("window", "sink-window", "perfect-estimate", "oracle")  # no training: only the key choice
 
 
-def demo():
-    """Teacher (trained once, then reused), SEA student, both evaluated on the test split."""
+def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, windows=4,
+         out_dir="out/demo"):
+    """SmolLM2-135M, frozen, with only its attention swapped: SEA after an estimator warm-up (pooled
+    keys, then the paper's estimator), the window, the sink-window, the perfect estimate and the
+    oracle, each keeping about k keys per query per head (3% of a late row at T = 512). Test
+    perplexity of the first `windows` windows and late-row recall, as a table, JSON and pictures."""
     started = time.time()
-    teacher_args = parse_args(DEMO_TEACHER)
-    teacher_path = Path(teacher_args.out_dir) / "ckpt.pt"
-    if teacher_path.is_file():
-        print(f"== 1/3 teacher: reusing {teacher_path} (delete it to train a new one)")
-    else:
-        print(f"== 1/3 teacher: python train.py {' '.join(DEMO_TEACHER)}")
-        train(teacher_args)
-    print(f"== 2/3 SEA student: python train.py {' '.join(DEMO_SEA)}  [{time.time() - started:.0f}s]")
-    student_path = train(parse_args(DEMO_SEA))
-    print(f"== 3/3 test perplexity and SEA mask statistics  [{time.time() - started:.0f}s]")
-    teacher, student = Decoder.from_checkpoint(teacher_path), Decoder.from_checkpoint(student_path)
-    tokens = load_tokens("test", teacher_args.data_dir, teacher_args.cache_dir)
-    device, block = teacher_args.device, teacher.config.block_size
-    rows = {"dense": evaluate.describe(teacher.to(device), None, tokens, block, 8, device, "float32")}
-    rows["dense"]["ratio"] = 1.0
-    rows["sea+pooled"] = evaluate.describe(student.to(device), teacher, tokens, block, 8, device, "float32",
-                                           teacher_ppl=rows["dense"]["ppl"])
-    print(f"\nWikiText-2 test, windows of {block} tokens, {time.time() - started:.0f}s in all")
+    step = lambda text: print(f"== {text}  [{time.time() - started:.0f}s]", flush=True)
+    knobs = ["--teacher", source, "--block-size", str(block_size), "--k", str(k),
+             "--t-m", str(t_m)]
+    step(f"1/4 the teacher: {source}")
+    teacher = load_model(source).eval()
+    tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
+    device = parse_args(["--method", "sea", *knobs]).device
+    measure = lambda model, teacher_ppl=None: evaluate.describe(
+        model.to(device), teacher if teacher_ppl else None, tokens, block_size, 1, device, "float32",
+        teacher_ppl, max_windows=windows)
+    rows = {"dense teacher": dict(measure(teacher.to(device)), ratio=1.0)}
+    teacher_ppl = rows["dense teacher"]["ppl"]
+    students = {}
+    for number, (name, estimator) in enumerate((("sea, pooled keys", ["--pooled-keys"]),
+                                                ("sea, paper's", [])), start=2):
+        command = ["--method", "sea", *knobs, *estimator, "--training-free", "--estimator-iters",
+                   str(warm_up_steps), "--estimator-lr", "3e-3", "--batch-size", "1",
+                   "--out-dir", f"{out_dir}/sea-{'pooled' if estimator else 'paper'}"]
+        step(f"{number}/4 {name}: python train.py {' '.join(command)}")
+        students[name] = Decoder.from_checkpoint(train(parse_args(command)))
+        rows[name] = measure(students[name], teacher_ppl)
+    step(f"4/4 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
+    for kind in DEMO_SWAPS:
+        model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m))
+        for block in model.layers:
+            block.self_attn.mechanism.open_gates()
+        rows[kind] = measure(model, teacher_ppl)
+    print(f"\ntest split, first {windows} windows of {block_size} tokens, k = {k}, T_M = {t_m}, "
+          f"{time.time() - started:.0f}s in all")
     print(evaluate.table_header())
     for name, row in rows.items():
         print(evaluate.format_row(name, row))
-    print(f"recall: the teacher's attention mass on the kept keys, on the first {evaluate.RECALL_WINDOWS} test "
-          f"windows; window and oracle keep as many keys per (head, row), the most recent ones or the "
-          f"teacher's own top ones")
+    print(f"recall: the teacher's attention mass on the kept keys, late rows (the second half of each of the "
+          f"first {evaluate.RECALL_WINDOWS} windows); the other columns keep as many keys per (head, row): the "
+          f"most recent, the first {SEAConfig.sinks} plus the most recent, SEA's bins chosen by the teacher's "
+          f"mass, the teacher's own top keys")
+    evaluate.write_records(rows, f"{out_dir}/table.json")
+    evaluate.plot_pretrained_attention(students["sea, pooled keys"], teacher, tokens, block_size,
+                                       f"{out_dir}/attention.png")
+    evaluate.plot_layer_recall(rows, f"{out_dir}/recall-per-layer.png")
+    return rows
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitex
     out = tmp_path / method
     common = ["--method", method, "--teacher", str(teacher_path), "--data-dir", str(wikitext),
               "--out-dir", str(out), "--batch-size", "4", "--block-size", "64", "--k", "4",
-              "--predictor-length", "16", "--eval-iters", "1", "--log-interval", "3", "--dtype", "float32",
+              "--t-m", "16", "--eval-iters", "1", "--log-interval", "3", "--dtype", "float32",
               "--lr", "1e-3", "--warmup-iters", "1", "--n-hashes", "2"]
     baseline = method in ("performer", "reformer")  # the official recipe: no per-layer attention terms
     train.main([*common, "--max-iters", "1"])
@@ -49,7 +49,7 @@ def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitex
 
     student = Decoder.from_checkpoint(out / "ckpt.pt")
     assert student.config.attn == method
-    assert student.config.sea == SEAConfig(k=4, predictor_length=16, nbf=1 if method == "performer" else 8)
+    assert student.config.sea == SEAConfig(k=4, t_m=16, nbf=1 if method == "performer" else 8)
     assert (student.config.reformer.bucket_size, student.config.reformer.n_hashes) == (4, 2)
     evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--teacher", str(teacher_path), "--data-dir", str(wikitext),
                    "--block-size", "64", "--split", "valid"])
@@ -60,7 +60,7 @@ def test_distillation_lowers_loss_then_saves_loads_and_evaluates(method, wikitex
 
 def test_new_attention_parameters_get_ten_times_the_rate(teacher_path):
     args = train.parse_args(["--method", "sea", "--teacher", str(teacher_path), "--k", "4",
-                             "--predictor-length", "16"])
+                             "--t-m", "16"])
     student = train.build_student(args)
     optimizer = train.make_optimizer(student, args)
     scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
@@ -72,7 +72,7 @@ def test_plot_writes_png(wikitext, teacher_path, tmp_path):
     pytest.importorskip("matplotlib")
     torch.manual_seed(0)
     teacher = Decoder.from_checkpoint(teacher_path)
-    student = Decoder.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, predictor_length=16))
+    student = Decoder.from_checkpoint(teacher_path, attn="sea", sea=SEAConfig(k=4, t_m=16))
     evaluate.plot_attention(student, teacher, data.load_tokens("valid", wikitext), 64, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 10_000
 
@@ -87,7 +87,7 @@ def test_distillation_flags_fail_fast(tmp_path, capsys):
 
 
 def test_estimator_warm_up_trains_only_the_estimator(wikitext, teacher_path, capsys):
-    args = train.parse_args(["--method", "sea", "--teacher", str(teacher_path), "--k", "4", "--predictor-length",
+    args = train.parse_args(["--method", "sea", "--teacher", str(teacher_path), "--k", "4", "--t-m",
                              "16", "--block-size", "64", "--batch-size", "2", "--estimator-iters", "3",
                              "--eval-interval", "3", "--log-interval", "1", "--dtype", "float32"])
     student, teacher = train.build_student(args), train.load_teacher(args)
@@ -131,7 +131,7 @@ def test_history_and_recall_curves(wikitext, teacher_path, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "sea"
     train.main(["--method", "sea", "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--out-dir", str(out),
-                "--batch-size", "2", "--block-size", "64", "--k", "4", "--predictor-length", "16", "--eval-iters", "1",
+                "--batch-size", "2", "--block-size", "64", "--k", "4", "--t-m", "16", "--eval-iters", "1",
                 "--max-iters", "2", "--eval-interval", "1", "--estimator-iters", "2", "--dtype", "float32"])
     entries = evaluate.read_history(out / "history.jsonl")
     assert [(e["phase"], e["step"]) for e in entries] == [("estimator", 1), ("estimator", 2), ("sea", 1), ("sea", 2)]
@@ -147,7 +147,7 @@ def test_estimator_overfit_trains_on_the_measured_windows_and_stops(wikitext, te
     monkeypatch.setattr(train, "get_batch", no_training_batches)
     out = tmp_path / "overfit"
     common = ["--method", "sea", "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--out-dir", str(out),
-              "--batch-size", "2", "--block-size", "64", "--k", "4", "--predictor-length", "16",
+              "--batch-size", "2", "--block-size", "64", "--k", "4", "--t-m", "16",
               "--dtype", "float32", "--estimator-lr", "1e-2", "--log-interval", "1"]
     train.main(common + ["--estimator-iters", "12", "--eval-interval", "12", "--estimator-overfit"])
     assert not (out / "ckpt.pt").exists()  # a diagnostic: no distillation, no checkpoint

@@ -66,8 +66,8 @@ def test_a_perfect_estimate_keeps_the_bins_with_the_most_teacher_mass():
     torch.manual_seed(0)
     logits = torch.randn(1, 2, 40, 40) * 4
     probs = logits.masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    best = evaluate.perfect_estimate_recall(probs, k=2, bins=8)
-    assert torch.allclose(best[:, :, :4], torch.ones(1, 2, 4))  # rows up to sqrt(k M) = 4 keys long are dense
+    best = evaluate.perfect_estimate_recall(probs, k=2, t_m=8)
+    assert torch.allclose(best[:, :, :4], torch.ones(1, 2, 4))  # rows up to sqrt(k T_M) = 4 keys long are dense
     # no other choice of as many (head, bin) cells per row holds more mass, over the heads together
     rows = torch.arange(40)
     for seed in range(5):

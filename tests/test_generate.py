@@ -14,7 +14,7 @@ def tiny_model(attn, family="tiny", block_size=48):
     # SEA: k = 2, T_M = 8, so rows up to 4 tokens long are dense and later ones sparse; prompts
     # run in chunks of 3 rows at inference
     torch.manual_seed(0)
-    sea = SEAConfig(k=2, predictor_length=8, query_chunk=3)
+    sea = SEAConfig(k=2, t_m=8, query_chunk=3)
     config = DecoderConfig.preset(family, n_layer=2, n_embd=64, n_head=2, block_size=block_size, attn=attn, sea=sea,
                                   reformer=ReformerConfig(bucket_size=4, n_hashes=2), **FAMILIES[family])
     return Decoder(config).double().eval()
@@ -51,7 +51,7 @@ def test_greedy_generation_equals_rerunning_the_full_pass(attn):
 @pytest.mark.parametrize("pooled_keys", [False, True])
 def test_sea_decoding_keeps_the_bins_of_the_full_pass(pooled_keys):
     torch.manual_seed(0)
-    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, predictor_length=8, pooled_keys=pooled_keys)).double().eval()
+    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, t_m=8, pooled_keys=pooled_keys)).double().eval()
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
         _, full_aux, _ = attention.attend(q, k, v, materialize=True)

@@ -15,11 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def random_probabilities(B, H, R, M, seed=0):
+def random_probabilities(B, H, R, T_M, seed=0):
     """Softmaxed random scores, with bins tied in groups of four as the x4 upsample makes them."""
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.randn(B, H, R, M // 4, generator=gen).repeat_interleave(4, dim=-1)
-    scores[..., :M // 2] = torch.randn(B, H, R, M // 2, generator=gen)  # and some bins without ties
+    scores = torch.randn(B, H, R, T_M // 4, generator=gen).repeat_interleave(4, dim=-1)
+    scores[..., :T_M // 2] = torch.randn(B, H, R, T_M // 2, generator=gen)  # and some bins without ties
     return scores.softmax(-1).to(DEVICE)
 
 
@@ -27,19 +27,19 @@ def random_probabilities(B, H, R, M, seed=0):
 def test_selection_kernel_equals_grouped_topk(row0, R, k):
     # row0 0: short dense rows with empty bins; 40 / 300: chunks that start mid-sequence, where
     # one head may take the whole budget; k = 64: every cell of every row
-    H, M = 3, 16
-    p_hat = random_probabilities(2, H, R, M, seed=row0)
+    H, T_M = 3, 16
+    p_hat = random_probabilities(2, H, R, T_M, seed=row0)
     rows = torch.arange(row0, row0 + R, device=DEVICE)
-    kept = select_bins(p_hat, row0, row_budget(rows, H, k, M))
+    kept = select_bins(p_hat, row0, row_budget(rows, H, k, T_M))
     expected = grouped_topk(p_hat, rows, k)
     assert torch.equal(kept, expected)
-    assert torch.equal(kept.sum(dim=(1, 3)), row_budget(rows, H, k, M).expand(2, -1))
+    assert torch.equal(kept.sum(dim=(1, 3)), row_budget(rows, H, k, T_M).expand(2, -1))
 
 
-def random_inputs(B, H, T, D, M, k, dtype, seed=0):
+def random_inputs(B, H, T, D, T_M, k, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, kk, v = (torch.randn(B, H, T, D, generator=gen).to(DEVICE, dtype) for _ in range(3))
-    keep = grouped_topk(torch.rand(B, H, T, M, generator=gen).to(DEVICE), torch.arange(T, device=DEVICE), k)
+    keep = grouped_topk(torch.rand(B, H, T, T_M, generator=gen).to(DEVICE), torch.arange(T, device=DEVICE), k)
     return q, kk, v, keep
 
 
@@ -70,14 +70,14 @@ def test_block_kernel_single_keys_empty_heads_and_offset_rows():
     assert got[0, 2].abs().max() == 0  # a head with no kept bin gives zeros
 
     one_key = torch.zeros(1, 1, 1, 8, dtype=torch.bool, device=DEVICE)
-    one_key[..., 4] = True  # row 0 has a single key, j = 0, in bin floor(0.5 * M) = 4
+    one_key[..., 4] = True  # row 0 has a single key, j = 0, in bin floor(0.5 * T_M) = 4
     torch.testing.assert_close(sparse_attention_blocks(q[:1, :1, :1], k[:1, :1], v[:1, :1], one_key, 0,
                                                        block_m=16, block_n=16), v[:1, :1, :1].float())
 
 
 def test_sea_attention_with_kernels_equals_the_pytorch_path():
     torch.manual_seed(0)
-    attention = SEAAttention(2, 32, 96, SEAConfig(k=2, predictor_length=8, query_chunk=16)).to(DEVICE).eval()
+    attention = SEAAttention(2, 32, 96, SEAConfig(k=2, t_m=8, query_chunk=16)).to(DEVICE).eval()
     attention.KERNEL_CHUNK = 32  # several chunks, the later ones mid-sequence
     q, k, v = (torch.randn(1, 2, 70, 32, device=DEVICE) for _ in range(3))
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_unsupported_head_dim_is_refused():
 def test_the_kernel_path_never_waits_for_the_device():
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
-    attention = SEAAttention(2, 32, 96, SEAConfig(k=2, predictor_length=8, use_kernel=True)).to(DEVICE).eval()
+    attention = SEAAttention(2, 32, 96, SEAConfig(k=2, t_m=8, use_kernel=True)).to(DEVICE).eval()
     q, k, v = (torch.randn(1, 2, 70, 32, device=DEVICE) for _ in range(3))
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         attention(q, k, v)

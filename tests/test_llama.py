@@ -273,3 +273,27 @@ def test_token_caches_of_two_tokenizers_never_mix(tmp_path, gguf_path, monkeypat
     assert get_tokenizer(str(gguf_path)).decode(ours.tolist()) == text
     assert get_tokenizer().decode(gpt2.tolist()) == text
     assert not np.array_equal(ours[:len(gpt2)], gpt2[:len(ours)])
+
+
+def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path, gguf_path, wikitext,
+                                                                         monkeypatch, capsys):
+    import eval as evaluate
+    import train
+    monkeypatch.setenv("SEA_DATA_DIR", str(wikitext))
+    out = tmp_path / "demo"
+    rows = train.demo(str(gguf_path), block_size=32, k=4, t_m=8, warm_up_steps=2, windows=2,
+                      out_dir=str(out))
+    assert list(rows) == ["dense teacher", "sea, pooled keys", "sea, paper's", *train.DEMO_SWAPS]
+    assert all(row["windows"] == 2 and row["ppl"] > 1 for row in rows.values())
+    assert all(0 <= row["recall_late"] <= row["oracle_late"] + 1e-5 for name, row in rows.items()
+               if name != "dense teacher")
+    assert json.loads((out / "table.json").read_text()).keys() == rows.keys()
+    assert (out / "attention.png").stat().st_size > 0 and (out / "recall-per-layer.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in rows)
+    saved = out / "sea-pooled" / "ckpt.pt"
+    ppl = evaluate.main(["--ckpt", str(saved), "--block-size", "32", "--max-windows", "2"])
+    assert ppl == pytest.approx(rows["sea, pooled keys"]["ppl"], rel=1e-4)
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(saved), "--sample", "the cat", "--max-new-tokens", "3", "--top-k", "1"])
+    assert capsys.readouterr().out.startswith("the cat")

@@ -16,17 +16,17 @@ from sea import (CompressedScoreDecoder, KeyPrefixSums, OracleAttention, Perfect
 
 def formula_key_mask(keep):
     """Step 6 by the letter of the paper: key j <= i is kept by head h iff bin c(i, j) was kept."""
-    B, H, T, M = keep.shape
+    B, H, T, T_M = keep.shape
     mask = torch.zeros(B, H, T, T, dtype=torch.bool)
     for i in range(T):
         for j in range(i + 1):
-            mask[:, :, i, j] = keep[:, :, i, math.floor((j + 0.5) * M / (i + 1))]
+            mask[:, :, i, j] = keep[:, :, i, math.floor((j + 0.5) * T_M / (i + 1))]
     return mask
 
 
-def formula_key_bins(T, M):
-    """(T, T): floor((j + 0.5) M / (i + 1)) for keys j <= i, by the letter."""
-    return torch.tensor([[min(M - 1, math.floor((j + 0.5) * M / (i + 1))) for j in range(T)] for i in range(T)])
+def formula_key_bins(T, T_M):
+    """(T, T): floor((j + 0.5) T_M / (i + 1)) for keys j <= i, by the letter."""
+    return torch.tensor([[min(T_M - 1, math.floor((j + 0.5) * T_M / (i + 1))) for j in range(T)] for i in range(T)])
 
 
 def masked_dense_attention(q, k, v, mask):
@@ -35,9 +35,9 @@ def masked_dense_attention(q, k, v, mask):
     return scores.softmax(-1).nan_to_num() @ v
 
 
-def random_keep(B, H, T, M, k, seed=0):
+def random_keep(B, H, T, T_M, k, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return grouped_topk(torch.rand(B, H, T, M, generator=gen), torch.arange(T), k)
+    return grouped_topk(torch.rand(B, H, T, T_M, generator=gen), torch.arange(T), k)
 
 
 def masked_attention_of_bins(q, k, v, keep, row0):
@@ -47,9 +47,9 @@ def masked_attention_of_bins(q, k, v, keep, row0):
 @pytest.mark.parametrize("step7", [sparse_attention, masked_attention_of_bins])
 def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
     torch.manual_seed(0)
-    B, H, T, D, M, k = 2, 3, 50, 8, 16, 3
+    B, H, T, D, T_M, k = 2, 3, 50, 8, 16, 3
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    keep = random_keep(B, H, T, M, k)
+    keep = random_keep(B, H, T, T_M, k)
     keep[0, 1, 30] = False  # a head that keeps nothing in a row gives zeros there
     ours = step7(q, kk, v, keep, row0=0)
     reference = masked_dense_attention(q, kk, v, formula_key_mask(keep))
@@ -63,8 +63,8 @@ def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
 
 
 def test_decompression_keys_are_causal_and_follow_the_bins():
-    B, H, T, M, k = 1, 2, 80, 8, 2
-    keep = random_keep(B, H, T, M, k, seed=1)
+    B, H, T, T_M, k = 1, 2, 80, 8, 2
+    keep = random_keep(B, H, T, T_M, k, seed=1)
     b, h, r, start, length = decompress(keep, torch.arange(T))
     assert (start >= 0).all() and (start + length <= r + 1).all()  # keys 0..i only
     mask = torch.zeros(B, H, T, T, dtype=torch.bool)
@@ -76,24 +76,24 @@ def test_decompression_keys_are_causal_and_follow_the_bins():
 
 
 def test_short_rows_dense_long_rows_about_k():
-    B, H, T, M, k = 2, 4, 512, 32, 8
-    keep = random_keep(B, H, T, M, k, seed=2)
+    B, H, T, T_M, k = 2, 4, 512, 32, 8
+    keep = random_keep(B, H, T, T_M, k, seed=2)
     mask = formula_key_mask(keep)
     per_head = mask.sum(-1).float()  # (B, H, T)
     for i in range(T):
-        if (i + 1) ** 2 <= k * M:
+        if (i + 1) ** 2 <= k * T_M:
             assert mask[:, :, i, :i + 1].all(), f"row {i} should be dense"
     late = per_head[:, :, 256:].mean(dim=(0, 2))  # mean per head over long rows
     assert late.mean().item() == pytest.approx(k, rel=0.15)
 
 
 def test_kept_bins_per_row_equal_the_budget_formula():
-    B, H, T, M, k = 2, 3, 300, 16, 4
-    keep = random_keep(B, H, T, M, k, seed=3)
+    B, H, T, T_M, k = 2, 3, 300, 16, 4
+    keep = random_keep(B, H, T, T_M, k, seed=3)
     kept = keep.sum(dim=(1, 3))  # (B, T) kept (head, bin) cells per row
-    expected = [max(1, min(H * M, round(H * k * M / (i + 1)))) for i in range(T)]
+    expected = [max(1, min(H * T_M, round(H * k * T_M / (i + 1)))) for i in range(T)]
     assert kept.tolist() == [expected] * B
-    assert row_budget(torch.arange(T), H, k, M).tolist() == expected
+    assert row_budget(torch.arange(T), H, k, T_M).tolist() == expected
 
 
 def test_causal_linear_attention_matches_quadratic_form():
@@ -107,7 +107,7 @@ def test_causal_linear_attention_matches_quadratic_form():
 def test_sea_attention_module_steps_7_and_8():
     torch.manual_seed(0)
     B, H, T, D = 2, 3, 40, 8
-    attention = SEAAttention(H, D, 64, SEAConfig(k=3, predictor_length=16)).double()
+    attention = SEAAttention(H, D, 64, SEAConfig(k=3, t_m=16)).double()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     out, aux = attention(q, kk, v, need_weights=True)
     g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v)[0])).unbind(-1)
@@ -123,7 +123,7 @@ def test_sea_attention_module_steps_7_and_8():
 @pytest.mark.parametrize("pooled_keys", [False, True])
 def test_inference_chunks_equal_one_pass(pooled_keys):
     torch.manual_seed(0)
-    cfg = SEAConfig(k=3, predictor_length=16, query_chunk=13, pooled_keys=pooled_keys)
+    cfg = SEAConfig(k=3, t_m=16, query_chunk=13, pooled_keys=pooled_keys)
     attention = SEAAttention(2, 8, 128, cfg).eval()
     q, kk, v = (torch.randn(1, 2, 100, 8) for _ in range(3))
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_inference_chunks_equal_one_pass(pooled_keys):
 @pytest.mark.parametrize("training", [True, False])
 def test_autocast_does_not_change_sea(training):
     torch.manual_seed(0)
-    attention = SEAAttention(2, 8, 64, SEAConfig(k=3, predictor_length=16)).train(training)
+    attention = SEAAttention(2, 8, 64, SEAConfig(k=3, t_m=16)).train(training)
     q, kk, v = (torch.randn(2, 2, 60, 8) for _ in range(3))
     plain, plain_aux = attention(q, kk, v, need_weights=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -150,7 +150,7 @@ def test_autocast_does_not_change_sea(training):
                          + [(attn, "tiny-llama", False) for attn in ATTENTION_KINDS + ANALYSIS_KINDS])
 def test_whole_model_is_causal(attn, family, training):
     torch.manual_seed(0)
-    sea = SEAConfig(k=2, predictor_length=8, query_chunk=7)
+    sea = SEAConfig(k=2, t_m=8, query_chunk=7)
     model = Decoder(DecoderConfig.preset(family, n_layer=2, block_size=48, attn=attn, sea=sea)).train(training)
     x = torch.randint(0, 50257, (2, 48))
     p = 29
@@ -161,7 +161,7 @@ def test_whole_model_is_causal(attn, family, training):
     assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])
 
 
-@pytest.mark.parametrize("bad", [dict(k=0), dict(predictor_length=30), dict(predictor_length=0),
+@pytest.mark.parametrize("bad", [dict(k=0), dict(t_m=30), dict(t_m=0),
                                  dict(nbf=0)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="SEAConfig"):
@@ -182,13 +182,13 @@ def test_running_sea_py_walks_through_the_eight_steps():
 
 def test_window_control_keeps_each_heads_most_recent_keys():
     torch.manual_seed(0)
-    B, H, T, D, M, k = 2, 3, 90, 8, 16, 2
-    attention = WindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M, query_chunk=32)).double()
+    B, H, T, D, T_M, k = 2, 3, 90, 8, 16, 2
+    attention = WindowAttention(H, D, 128, SEAConfig(k=k, t_m=T_M, query_chunk=32)).double()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     out, aux = attention(q, kk, v, need_weights=True)
     for i in range(T):
-        budget = max(1, min(H * M, round(H * k * M / (i + 1))))
-        filled = min(i + 1, M)
+        budget = max(1, min(H * T_M, round(H * k * T_M / (i + 1))))
+        filled = min(i + 1, T_M)
         width = max(1, round(min(budget, H * filled) * (i + 1) / (H * filled)))
         expected = torch.zeros(T, dtype=torch.bool)
         expected[i + 1 - width:i + 1] = True
@@ -205,8 +205,8 @@ def test_window_control_keeps_each_heads_most_recent_keys():
 
 def direct_estimate_loss(scores, target):
     """The estimate loss on the (B, H, T, T) estimated map itself: bins spread to keys, log_softmax."""
-    B, H, T, M = scores.shape
-    spread = scores.gather(-1, formula_key_bins(T, M).expand(B, H, T, T))
+    B, H, T, T_M = scores.shape
+    spread = scores.gather(-1, formula_key_bins(T, T_M).expand(B, H, T, T))
     log_estimate = spread.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).log_softmax(-1)
     torch.testing.assert_close(log_estimate.exp(), estimated_attention_map(scores))
     kl = (torch.xlogy(target, target) - torch.where(target > 0, target * log_estimate, 0.0)).sum(-1).mean()
@@ -215,8 +215,8 @@ def direct_estimate_loss(scores, target):
 
 def test_estimate_loss_per_bin_equals_the_direct_computation():
     torch.manual_seed(0)
-    B, H, T, M = 2, 3, 70, 16
-    scores = torch.randn(B, H, T, M, dtype=torch.float64, requires_grad=True)
+    B, H, T, T_M = 2, 3, 70, 16
+    scores = torch.randn(B, H, T, T_M, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(B, H, T, T, dtype=torch.float64) * 3
     target = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     ours, direct = estimate_loss(scores, target), direct_estimate_loss(scores, target)
@@ -225,21 +225,21 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
 
 
 
-@pytest.mark.parametrize("D, M", [(8, 16), (2, 4)])  # q . prefix for all keys, or the prefix rows at the edges
-def test_pooled_key_scores_are_each_bins_mean_logit(D, M):
+@pytest.mark.parametrize("D, T_M", [(8, 16), (2, 4)])  # q . prefix for all keys, or the prefix rows at the edges
+def test_pooled_key_scores_are_each_bins_mean_logit(D, T_M):
     torch.manual_seed(0)
     B, H, T = 2, 3, 50
     q = torch.randn(B, H, T, D, dtype=torch.float64)
     k = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
-    expected = torch.zeros(B, H, T, M, dtype=torch.float64)  # 0 where a bin holds no key (rows i < M - 1)
-    bins = formula_key_bins(T, M)
+    expected = torch.zeros(B, H, T, T_M, dtype=torch.float64)  # 0 where a bin holds no key (rows i < T_M - 1)
+    bins = formula_key_bins(T, T_M)
     for i in range(T):
-        for c in range(M):
+        for c in range(T_M):
             keys = [j for j in range(i + 1) if bins[i, j] == c]
             if keys:
                 expected[:, :, i, c] = (q[:, :, i] * k[:, :, keys].mean(2)).sum(-1)
     rows = torch.arange(T)
-    scores = pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, M)
+    scores = pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, T_M)
     torch.testing.assert_close(scores, expected)
     weights = torch.randn_like(expected)
     torch.testing.assert_close(torch.autograd.grad((scores * weights).sum(), k)[0],
@@ -248,7 +248,7 @@ def test_pooled_key_scores_are_each_bins_mean_logit(D, M):
     grown = KeyPrefixSums(k[:, :, :1])  # the sums built a few keys at a time, as decoding does
     for first, last in [(1, 2), (2, 9), (9, 10), (10, T)]:
         grown.extend(k[:, :, first:last])
-    torch.testing.assert_close(pooled_key_scores(q[:, :, 30:], grown.sums(), rows[30:], M), expected[:, :, 30:])
+    torch.testing.assert_close(pooled_key_scores(q[:, :, 30:], grown.sums(), rows[30:], T_M), expected[:, :, 30:])
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
@@ -265,11 +265,11 @@ def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
 
 def test_sink_window_keeps_the_first_keys_and_the_most_recent():
     torch.manual_seed(0)
-    B, H, T, D, M, k, sinks = 1, 2, 70, 8, 16, 2, 3
-    attention = SinkWindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M, sinks=sinks)).double()
+    B, H, T, D, T_M, k, sinks = 1, 2, 70, 8, 16, 2, 3
+    attention = SinkWindowAttention(H, D, 128, SEAConfig(k=k, t_m=T_M, sinks=sinks)).double()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     _, aux = attention(q, kk, v, need_weights=True)
-    window = WindowAttention(H, D, 128, SEAConfig(k=k, predictor_length=M)).double()
+    window = WindowAttention(H, D, 128, SEAConfig(k=k, t_m=T_M)).double()
     counts = window(q, kk, v, need_weights=True)[1]["kept_per_head"]
     assert torch.equal(aux["kept_per_head"], counts)  # the same count per (head, row) as the window
     for i in range(T):
@@ -286,7 +286,7 @@ def test_sink_window_keeps_the_first_keys_and_the_most_recent():
 def test_open_gates_give_the_exact_softmax_over_the_kept_keys(kind):
     torch.manual_seed(0)
     B, H, T, D = 2, 3, 50, 8
-    attention = kind(H, D, 64, SEAConfig(k=2, predictor_length=8, query_chunk=7)).double().open_gates().eval()
+    attention = kind(H, D, 64, SEAConfig(k=2, t_m=8, query_chunk=7)).double().open_gates().eval()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
         out, aux = attention(q, kk, v, need_weights=True)
@@ -299,16 +299,16 @@ def test_open_gates_give_the_exact_softmax_over_the_kept_keys(kind):
 
 def test_the_oracle_and_the_perfect_estimate_choose_by_the_exact_attention():
     torch.manual_seed(0)
-    B, H, T, D, M, k = 1, 2, 40, 8, 8, 2
+    B, H, T, D, T_M, k = 1, 2, 40, 8, 8, 2
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     probs = (q @ kk.transpose(-1, -2)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    oracle = OracleAttention(H, D, 64, SEAConfig(k=k, predictor_length=M)).double()
+    oracle = OracleAttention(H, D, 64, SEAConfig(k=k, t_m=T_M)).double()
     aux = oracle(q, kk, v, need_weights=True)[1]
     for i in (10, 39):
         width = int(aux["kept_per_head"][0, 0, i])
         top = probs[0, :, i].topk(width).indices
         assert torch.equal(aux["kept_mask"][0, :, i].nonzero()[:, 1].view(H, width).sort().values, top.sort().values)
-    perfect = PerfectEstimateAttention(H, D, 64, SEAConfig(k=k, predictor_length=M)).double()
+    perfect = PerfectEstimateAttention(H, D, 64, SEAConfig(k=k, t_m=T_M)).double()
     aux = perfect(q, kk, v, need_weights=True)[1]
-    mass = torch.zeros(B, H, T, M, dtype=torch.float64).scatter_add_(-1, formula_key_bins(T, M).expand(B, H, T, T), probs)
+    mass = torch.zeros(B, H, T, T_M, dtype=torch.float64).scatter_add_(-1, formula_key_bins(T, T_M).expand(B, H, T, T), probs)
     assert torch.equal(aux["kept_bins"], grouped_topk(mass, torch.arange(T), k))
