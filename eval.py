@@ -165,29 +165,6 @@ def format_mask_statistics(stats):
             f"{stats['best_estimate']:.3f} ({stats['best_estimate_late']:.3f})")
 
 
-def plot_attention(student, teacher, tokens, block_size, path, layer=-1, head=0):
-    """Teacher attention, SEA's estimated attention and SEA's kept keys, side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    idx = sample_windows(tokens, block_size, 1).to(next(student.parameters()).device)
-    teacher_layers, student_layers = attention_internals(student, teacher, idx)
-    t_layer, s_layer = teacher_layers[layer], student_layers[layer]
-    panels = [("teacher attention", t_layer["probs"][0, head]),
-              ("SEA estimated attention", estimated_attention_map(s_layer["scores"])[0, head]),
-              ("SEA kept keys", s_layer["kept_mask"][0, head].float())]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
-    for ax, (title, image) in zip(axes, panels):
-        draw_map(ax, image, title, log_scale="attention" in title)
-    layer_number = layer % len(teacher_layers)
-    fig.suptitle(f"layer {layer_number}, head {head}, first window ({idx.size(1)} tokens) of the split "
-                 f"(attention maps on a log10 scale)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-
-
 def head_kinds(probs, k, sinks):
     """What each head of one layer does on its late rows (the second half), for picking heads to show.
     probs (B, H, T, T) -> three (H,) tensors: the mass on the first `sinks` keys (sink heads), on
@@ -200,10 +177,11 @@ def head_kinds(probs, k, sinks):
     return late(probs[..., :sinks].sum(-1)), late(window), late(oracle - sink_window)
 
 
-def plot_pretrained_attention(student, teacher, tokens, block_size, path, shown_per_kind=3):
-    """Two rows of pictures on the split's first window. Top: the head that attends most by content
-    (head_kinds' content score, over all layers), as the teacher, SEA's estimate and SEA's kept keys
-    see it. Bottom: the strongest sink heads, local heads and content heads side by side."""
+def plot_attention(student, teacher, tokens, block_size, path, layer=None, head=None, shown_per_kind=3):
+    """Two rows of pictures on the split's first window. Top: one head as the teacher, SEA's
+    estimate and SEA's kept keys see it; by default the head that attends most by content
+    (head_kinds' content score, over all layers). Bottom: the teacher's strongest sink heads,
+    local heads and content heads side by side."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,33 +189,36 @@ def plot_pretrained_attention(student, teacher, tokens, block_size, path, shown_
     teacher_layers, student_layers = attention_internals(student, teacher, idx)
     sea = student.config.sea
     kinds = torch.stack([torch.stack(head_kinds(layer["probs"], sea.k, sea.sinks)) for layer in teacher_layers])
-    H = kinds.size(-1)  # kinds: (layers, 3 kinds, H)
-    best = {name: kinds[:, number].flatten().topk(shown_per_kind).indices.tolist()
-            for number, name in enumerate(("sink", "local", "content"))}
-    layer, head = divmod(best["content"][0], H)
-    t_probs, s_layer = teacher_layers[layer]["probs"][0], student_layers[layer]
-    fig = plt.figure(figsize=(15, 9.5))
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.15, 1])
-    panels = [("teacher attention", t_probs[head]),
+    L, _, H = kinds.shape  # (layers, 3 kinds, heads)
+    strongest = [(name, *divmod(flat, H)) for number, name in enumerate(("sink", "local", "content"))
+                 for flat in kinds[:, number].flatten().topk(min(shown_per_kind, L * H)).indices.tolist()]
+    chosen = layer is None and head is None
+    if chosen:
+        layer, head = strongest[-shown_per_kind][1:]  # the first content head
+    layer, head = layer % L if layer is not None else L - 1, head or 0
+    s_layer = student_layers[layer]
+    fig = plt.figure(figsize=(16, 8.2))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.3, 0.7])
+    panels = [("teacher attention", teacher_layers[layer]["probs"][0, head]),
               ("SEA estimated attention", estimated_attention_map(s_layer["scores"])[0, head]),
               ("SEA kept keys", s_layer["kept_mask"][0, head].float())]
     for ax, (title, image) in zip(top.subplots(1, 3), panels):
         draw_map(ax, image, title, log_scale="attention" in title)
-    top.suptitle(f"the most content-driven head: layer {layer}, head {head} (its top {sea.k} keys hold "
-                 f"{kinds[layer, 2, head]:.2f} more of a late row's mass than {sea.sinks} sinks + the recent "
-                 f"ones); first window ({idx.size(1)} tokens), log10 scale")
-    axes = bottom.subplots(1, 3 * shown_per_kind)
-    for ax, (name, flat) in zip(axes, [(name, i) for name, picks in best.items() for i in picks]):
-        kind_layer, kind_head = divmod(flat, H)
-        sink, local, content = kinds[kind_layer, :, kind_head].tolist()
+    why = (f"the most content-driven head, its top {sea.k} keys holding {kinds[layer, 2, head]:.2f} more of a late "
+           f"row's mass than {sea.sinks} sinks + the recent ones" if chosen else "")
+    top.suptitle(f"layer {layer}, head {head}{': ' + why if why else ''}; first window ({idx.size(1)} tokens), "
+                 f"attention on a log10 scale")
+    axes = bottom.subplots(1, len(strongest))
+    for ax, (name, kind_layer, kind_head) in zip(axes, strongest):
+        score = kinds[kind_layer, ("sink", "local", "content").index(name), kind_head]
         draw_map(ax, teacher_layers[kind_layer]["probs"][0, kind_head],
-                 f"{name}: L{kind_layer} H{kind_head}\nsinks {sink:.2f} local {local:.2f} +{content:.2f}",
-                 log_scale=True, small=True)
-    bottom.suptitle(f"teacher heads by kind (late rows: mass on the first {sea.sinks} keys, on the {sea.k} "
-                    f"most recent, and content: what the top {sea.k} keys add over the sink-window)")
+                 f"{name}\nL{kind_layer} H{kind_head}: {score:.2f}", log_scale=True, small=True)
+    bottom.suptitle(f"the teacher's strongest heads of each kind, late rows: sink (mass on the first {sea.sinks} "
+                    f"keys), local (on the {sea.k} most recent), content (what its top {sea.k} keys add over "
+                    f"the sink-window)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    print(f"wrote {path} (content head: layer {layer}, head {head})")
+    print(f"wrote {path} (top row: layer {layer}, head {head})")
 
 
 def plot_layer_recall(rows, path):
@@ -661,8 +642,9 @@ def parse_args(argv):
                                      "mask statistics (kept keys, recall vs oracle)")
     p.add_argument("--plot", help="PNG file: teacher vs SEA estimated attention vs SEA kept keys "
                                   "(with --bench: latency and memory against T)")
-    p.add_argument("--layer", type=int, default=-1, help="layer for --plot (default the last)")
-    p.add_argument("--head", type=non_negative_int, default=0, help="head for --plot")
+    p.add_argument("--layer", type=int, help="--plot: the layer of the top row (default: the most content-driven "
+                                             "head's)")
+    p.add_argument("--head", type=non_negative_int, help="--plot: the head of the top row (default as --layer)")
     p.add_argument("--sample", metavar="PROMPT", help="with --ckpt/--init-from: print the prompt's continuation")
     p.add_argument("--max-new-tokens", type=positive_int,
                    help="--sample: tokens to generate (default 100); --bench-decode: tokens to time (default 16)")
@@ -681,6 +663,8 @@ def parse_args(argv):
     p.add_argument("--t-m", type=positive_int, default=SEAConfig.t_m,
                    help="--attn: T_M, the predictor length: bins per compressed attention row")
     p.add_argument("--sinks", type=non_negative_int, default=SEAConfig.sinks, help="--attn sink-window: first keys kept")
+    p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
+                                                           "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--block-size", type=positive_int, help="window length (default: the model's block_size)")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -716,6 +700,10 @@ def run(p, args):
     if args.attn:  # training-free: the swapped attention's gates open, its output the softmax over its keys
         for block in model.layers:
             block.self_attn.mechanism.open_gates()
+    if args.sink_bin:  # every layer's SEAAttention reads this config
+        if model.config.attn != "sea":
+            p.error(f"--sink-bin changes SEA's choice of bins; this model has attn={model.config.attn}")
+        model.config.sea.sink_bin = True
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
         model.config.reformer.eval_seed = args.reformer_seed
     if args.sample is not None:
@@ -740,8 +728,8 @@ def evaluate_model(p, args, model):
         p.error("--plot needs --teacher (the picture compares SEA with the teacher's attention)")
     if args.plot and model.config.attn != "sea":
         p.error(f"--plot draws SEA's estimate and mask; this model has attn={model.config.attn}")
-    if args.plot and not (-model.config.n_layer <= args.layer < model.config.n_layer
-                          and args.head < model.config.n_head):
+    if args.plot and not (-model.config.n_layer <= (args.layer or 0) < model.config.n_layer
+                          and (args.head or 0) < model.config.n_head):
         p.error(f"--layer {args.layer} / --head {args.head}: the model has {model.config.n_layer} layers "
                 f"and {model.config.n_head} heads")
     teacher = load_model(args.teacher).to(args.device) if args.teacher else None

@@ -42,6 +42,7 @@ class SEAConfig:
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
     sinks: int = 4  # the sink-window control: the first keys every row keeps (StreamingLLM's attention sinks)
+    sink_bin: bool = False  # beyond the paper: every head keeps the bin holding key 0, within the budget
 
     def __post_init__(self):
         if self.k < 1:
@@ -491,6 +492,8 @@ class SEAAttention(GatedSparseAttention):
         rows = torch.arange(row0, row0 + R, device=q.device)
         s_hat = self.compressed_scores(q, e, e_start, row0, key_prefix)  # step 3
         p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
+        if self.cfg.sink_bin:  # rank the bin of key 0 (the attention sink) first, in every head
+            p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
         if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
             from kernel import select_bins, sparse_attention_blocks  # Triton is optional: import when used
             keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))

@@ -68,8 +68,7 @@ def build_student(args):
 
 
 def sea_config(args):
-    return SEAConfig(k=args.k, t_m=args.t_m, nbf=args.nbf,
-                     pooled_keys=args.pooled_keys)
+    return SEAConfig(k=args.k, t_m=args.t_m, nbf=args.nbf, pooled_keys=args.pooled_keys, sink_bin=args.sink_bin)
 
 
 def recipe(args):
@@ -443,6 +442,9 @@ def parse_args(argv):
                         "as the official code trains them)")
     p.add_argument("--pooled-keys", action="store_true",
                    help="SEA, beyond the paper: the estimate adds each bin's mean logit q . mean(k)")
+    p.add_argument("--sink-bin", action="store_true",
+                   help="SEA, beyond the paper: every head of every row keeps the bin that holds key 0 (the "
+                        "attention sink of pretrained models), within the same budget")
     p.add_argument("--estimator-iters", type=non_negative_int, default=0,
                    help="SEA: first train the estimator alone for this many steps (0 = off)")
     p.add_argument("--estimator-lr", type=positive_float,
@@ -510,6 +512,8 @@ def fill_defaults(args, parser):
         sea_config(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.sink_bin and args.method != "sea":
+        parser.error("--sink-bin changes SEA's choice of bins: use it with --method sea")
     if args.estimator_iters and args.method != "sea":
         parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
     if args.training_free and not (args.method == "sea" and args.estimator_iters):
@@ -588,8 +592,7 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, 
           f"most recent, the first {SEAConfig.sinks} plus the most recent, SEA's bins chosen by the teacher's "
           f"mass, the teacher's own top keys")
     evaluate.write_records(rows, f"{out_dir}/table.json")
-    evaluate.plot_pretrained_attention(students["sea, pooled keys"], teacher, tokens, block_size,
-                                       f"{out_dir}/attention.png")
+    evaluate.plot_attention(students["sea, pooled keys"], teacher, tokens, block_size, f"{out_dir}/attention.png")
     evaluate.plot_layer_recall(rows, f"{out_dir}/recall-per-layer.png")
     return rows
 

@@ -280,6 +280,7 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
     import eval as evaluate
     import train
     monkeypatch.setenv("SEA_DATA_DIR", str(wikitext))
+    monkeypatch.delenv(train.TEST_DATA_ENV, raising=False)  # the test split from the same folder
     out = tmp_path / "demo"
     rows = train.demo(str(gguf_path), block_size=32, k=4, t_m=8, warm_up_steps=2, windows=2,
                       out_dir=str(out))

@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,22 @@ def test_sink_window_keeps_the_first_keys_and_the_most_recent():
         expected[i + 1 - (width - first):i + 1] = True  # the most recent width - first keys
         assert torch.equal(aux["kept_mask"][0, :, i], expected.expand(H, T)), f"row {i}"
         assert int(aux["kept_mask"][0, 0, i].sum()) == width
+
+
+def test_the_sink_bin_option_keeps_key_0_in_every_head_within_the_same_budget():
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 60, 8
+    cfg = SEAConfig(k=4, t_m=16, query_chunk=7)  # every row's budget holds at least H cells
+    plain, with_sink = SEAAttention(H, D, 64, cfg).eval(), SEAAttention(H, D, 64, replace(cfg, sink_bin=True)).eval()
+    with_sink.load_state_dict(plain.state_dict())
+    q, kk, v = (torch.randn(B, H, T, D) for _ in range(3))
+    with torch.no_grad():
+        base, sinks = plain(q, kk, v, need_weights=True)[1], with_sink(q, kk, v, need_weights=True)[1]
+        chunked = with_sink(q, kk, v)[0]
+    assert sinks["kept_mask"][..., 0].all() and not base["kept_mask"][..., 0].all()
+    kept_cells = lambda aux: aux["kept_bins"].sum(dim=(1, 3))  # (B, T): cells per row, all heads
+    assert torch.equal(kept_cells(sinks), kept_cells(base))
+    torch.testing.assert_close(chunked, with_sink(q, kk, v, need_weights=True)[0])
 
 
 @pytest.mark.parametrize("kind", [SEAAttention, SinkWindowAttention, PerfectEstimateAttention, OracleAttention])
