@@ -68,7 +68,10 @@ class DecoderConfig:
 
     def __post_init__(self):
         if isinstance(self.sea, dict):  # coming back from a checkpoint
-            self.sea = SEAConfig(**self.sea)
+            knobs = dict(self.sea)
+            if "predictor_length" in knobs:  # checkpoints written before T_M got one name
+                knobs["t_m"] = knobs.pop("predictor_length")
+            self.sea = SEAConfig(**knobs)
         if isinstance(self.reformer, dict):
             self.reformer = ReformerConfig(**self.reformer)
         for name, allowed in (("attn", ATTENTION_KINDS + ANALYSIS_KINDS), ("norm", ("layernorm", "rmsnorm")),

@@ -144,3 +144,8 @@ def test_mismatched_checkpoint_names_tensor(tmp_path):
         Decoder.from_checkpoint(tmp_path / "ckpt.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Decoder.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_of_the_old_t_m_name_still_load():
+    config = DecoderConfig.preset("tiny", attn="sea", sea=dict(k=4, predictor_length=16))
+    assert config.sea.t_m == 16 and config.sea.k == 4
