@@ -165,6 +165,9 @@ def format_mask_statistics(stats):
             f"{stats['best_estimate']:.3f} ({stats['best_estimate_late']:.3f})")
 
 
+HEAD_KINDS = ("sink", "local", "content")  # head_kinds' three scores, in order
+
+
 def head_kinds(probs, k, sinks):
     """What each head of one layer does on its late rows (the second half), for picking heads to show.
     probs (B, H, T, T) -> three (H,) tensors: the mass on the first `sinks` keys (sink heads), on
@@ -190,7 +193,7 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=None, head=
     sea = student.config.sea
     kinds = torch.stack([torch.stack(head_kinds(layer["probs"], sea.k, sea.sinks)) for layer in teacher_layers])
     L, _, H = kinds.shape  # (layers, 3 kinds, heads)
-    strongest = [(name, *divmod(flat, H)) for number, name in enumerate(("sink", "local", "content"))
+    strongest = [(number, *divmod(flat, H)) for number in range(len(HEAD_KINDS))
                  for flat in kinds[:, number].flatten().topk(min(shown_per_kind, L * H)).indices.tolist()]
     chosen = layer is None and head is None
     if chosen:
@@ -209,10 +212,10 @@ def plot_attention(student, teacher, tokens, block_size, path, layer=None, head=
     top.suptitle(f"layer {layer}, head {head}{': ' + why if why else ''}; first window ({idx.size(1)} tokens), "
                  f"attention on a log10 scale")
     axes = bottom.subplots(1, len(strongest))
-    for ax, (name, kind_layer, kind_head) in zip(axes, strongest):
-        score = kinds[kind_layer, ("sink", "local", "content").index(name), kind_head]
+    for ax, (number, kind_layer, kind_head) in zip(axes, strongest):
         draw_map(ax, teacher_layers[kind_layer]["probs"][0, kind_head],
-                 f"{name}\nL{kind_layer} H{kind_head}: {score:.2f}", log_scale=True, small=True)
+                 f"{HEAD_KINDS[number]}\nL{kind_layer} H{kind_head}: {kinds[kind_layer, number, kind_head]:.2f}",
+                 log_scale=True, small=True)
     bottom.suptitle(f"the teacher's strongest heads of each kind, late rows: sink (mass on the first {sea.sinks} "
                     f"keys), local (on the {sea.k} most recent), content (what its top {sea.k} keys add over "
                     f"the sink-window)")
