@@ -5,7 +5,6 @@ Evaluate a model on WikiText-2.
     python eval.py --init-from facebook/opt-125m --split valid   # a Hugging Face OPT
     python eval.py --ckpt out/sea-tiny/ckpt.pt --teacher out/dense-tiny/ckpt.pt --plot sea.png
                    # + ratio to the teacher, SEA mask statistics, attention-map picture
-    python eval.py --bench [--plot bench.png]   # latency / peak memory of attention, 1k..32k
 
 Perplexity protocol (the paper's): the split's text tokenized once, cut into
 non-overlapping windows of --block-size tokens; every window scores the next-token
@@ -15,22 +14,17 @@ predictions inside it; perplexity = exp(mean token NLL).
 import argparse
 import json
 import math
-import os
-import resource
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
-from model import Decoder, DecoderConfig, DenseAttention, LayerCache, load_model
-from sea import (PerformerAttention, SEAAttention, SEAConfig, estimated_attention_map, kept_key_mask,
-                 perfect_estimate_bins)
+from model import load_model
+from sea import SEAConfig, estimated_attention_map, kept_key_mask, perfect_estimate_bins
 
 MASKED_KINDS = ("sea", "window", "sink-window", "perfect-estimate", "oracle")  # kept keys to compare with the teacher's
 RECALL_WINDOWS = 4  # mask statistics use the split's first windows, this many
@@ -336,229 +330,10 @@ def format_row(name, row):
     return text
 
 
-# -----------------------------------------------------------------------------
-# benchmark: latency and peak memory of the attention alone, and of a whole model.
-# Every measurement runs in a child process of its own, so its peak memory is its own.
-
-BENCH_METHODS = ("eager", "sdpa", "performer", "sea-torch", "sea-triton")
-
-
-def plain_eager_attention(q, k, v):
-    """The baseline eager attention: softmax(masked_fill(q k^T)) @ v in the input dtype, no extra copies."""
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)).masked_fill_(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(),
-                                                    float("-inf"))
-    return scores.softmax(-1) @ v
-
-
-def attention_under_test(method, heads, length, head_dim, device, dtype, sea):
-    """A function that runs one causal attention of `method` on random (1, H, T, D) inputs."""
-    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
-    q = q * head_dim ** -0.5
-    if method == "eager":
-        return lambda: plain_eager_attention(q, k, v)
-    if method == "sdpa":
-        module = DenseAttention()
-    elif method == "performer":
-        module = PerformerAttention(head_dim, sea.nbf)
-    else:
-        module = SEAAttention(heads, head_dim, length, replace(sea, use_kernel=method == "sea-triton"))
-    module = module.to(device).eval()
-    return lambda: module(q, k, v)
-
-
-def model_under_test(attn, length, device, dtype, sea):
-    """A function that runs an OPT-125m-shaped forward (random weights) on one sequence."""
-    model = Decoder(DecoderConfig.preset("opt-125m", attn="dense" if attn == "eager" else attn, sea=sea))
-    for module in model.modules():
-        if isinstance(module, DenseAttention):
-            module.eager = attn == "eager"
-    model = model.to(device).eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, length), device=device)
-    def run():
-        with autocast_context(device, dtype):
-            model(idx)
-    return run
-
-
-def time_and_peak_memory(run, device, max_seconds=3.0, max_repeats=5):
-    """Median seconds of `run` after a warm-up; peak bytes (CUDA: allocated; CPU: process RSS)."""
-    synchronize = synchronizer(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with torch.no_grad():
-        run()  # warm-up, and Triton compilation
-        synchronize()
-        while not times or (len(times) < max_repeats and sum(times) < max_seconds):
-            start = time.perf_counter()
-            run()
-            synchronize()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], peak_bytes(device)
-
-
-def synchronizer(device):
-    """What waits for the device's queued work before a clock is read (nothing on a CPU)."""
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def peak_bytes(device):
-    """The peak memory so far: CUDA memory allocated, or on a CPU the process's peak RSS."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
-
-
-def count_calls(run, device):
-    """One run under the PyTorch profiler: CUDA kernel launches on a GPU, else PyTorch operator
-    calls (every aten:: op, nested ones included), a measure of the host work per call."""
-    from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with torch.no_grad(), profile(activities=activities) as prof:
-        run()
-    if device.startswith("cuda"):
-        return "launches", sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-    return "ops", sum(1 for e in prof.events() if e.name.startswith("aten::"))
-
-
-def bench_child(spec):
-    """Runs in the child process: one measurement, printed as JSON."""
-    torch.manual_seed(0)
-    if spec["kind"] == "decode":
-        return print(json.dumps(time_decoding(spec["method"], spec["length"], spec["new_tokens"], spec["device"],
-                                              spec["dtype"])))
-    sea, dtype = SEAConfig(**spec["sea"]), getattr(torch, spec["dtype"])
-    if spec["kind"] == "model":
-        run = model_under_test(spec["method"], spec["length"], spec["device"], spec["dtype"], sea)
-    else:
-        run = attention_under_test(spec["method"], spec["heads"], spec["length"], spec["head_dim"],
-                                   spec["device"], dtype, sea)
-    seconds, peak = time_and_peak_memory(run, spec["device"])
-    result = dict(seconds=seconds, peak_bytes=peak)
-    if spec.get("count_calls"):
-        name, count = count_calls(run, spec["device"])
-        result[name] = count
-    print(json.dumps(result))
-
-
-def measure_in_child(spec):
-    """{seconds, peak_bytes[, ops | launches]}, or None when the child failed (out of memory, say)."""
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--bench-child", json.dumps(spec)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"  {spec['method']} at T={spec['length']} failed: {result.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def memory_budget(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def growth_exponent(lengths, seconds, from_length=8192):
-    """Least-squares slope of log(time) against log(T), over T >= from_length when possible."""
-    points = [(math.log(t), math.log(s)) for t, s in zip(lengths, seconds) if s is not None]
-    late = [(x, y) for (x, y), t in zip(points, lengths) if t >= from_length]
-    points = late if len(late) >= 2 else points
-    if len(points) < 2:
-        return None
-    mx, my = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
-    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-
-
-def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), model_length=2048, plot=None,
-              json_path=None):
-    """Latency and peak memory of causal attention alone, every method at every length, then a
-    whole OPT-125m-shaped model; each figure from a child process of its own. Returns the records
-    (also written to json_path): method, T, device, dtype, seconds, peak bytes, and for SEA the
-    kernel launches (CUDA) or operator calls (CPU) of one call."""
-    methods = [m for m in BENCH_METHODS if m != "sea-triton" or device.startswith("cuda")]
-    budget = memory_budget(device)
-    common = dict(kind="attention", heads=heads, head_dim=head_dim, device=device, dtype=dtype,
-                  sea=dict(sea.__dict__))
-    print(f"attention alone, causal, B=1 H={heads} D={head_dim}, T_M={sea.t_m} "
-          f"k={sea.k}, on {device_name(device)}, {dtype}; time (ms) / peak memory (MB)")
-    print(f"{'T':>7} " + " ".join(f"{m:>20}" for m in methods))
-    records = []
-    for length in lengths:
-        cells = []
-        for method in methods:
-            if method == "eager" and 2 * heads * length * length * 4 > 0.6 * budget:  # scores, probabilities
-                cells.append(f"{'(would not fit)':>20}")
-                continue
-            result = measure_in_child(dict(common, method=method, length=length,
-                                           count_calls=method.startswith("sea")))
-            cells.append(f"{result['seconds'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}"
-                         if result else f"{'failed':>20}")
-            if result:
-                records.append(dict(kind="attention", method=method, T=length, device=device_name(device),
-                                    dtype=dtype, **result))
-        print(f"{length:>7} " + " ".join(cells), flush=True)
-
-    seconds_of = lambda method: [next((r["seconds"] for r in records if r["method"] == method and r["T"] == t),
-                                      None) for t in lengths]
-    print("growth exponent of time vs T (fitted over T >= 8k where measured):")
-    for method in methods:
-        exponent = growth_exponent(lengths, seconds_of(method))
-        print(f"  {method:<11} {'n/a' if exponent is None else f'{exponent:.2f}'}")
-    for sea_method in [m for m in methods if m.startswith("sea")]:
-        faster = [t for t, s, d in zip(lengths, seconds_of(sea_method), seconds_of("sdpa")) if s and d and s < d]
-        print(f"{sea_method} is faster than sdpa from T = {faster[0] if faster else 'never (in this range)'}")
-        calls = [(r["T"], r.get("ops", r.get("launches"))) for r in records if r["method"] == sea_method]
-        print(f"{sea_method} {'kernel launches' if device.startswith('cuda') else 'operator calls'} per call: "
-              + ", ".join(f"{count:,} at T={t}" for t, count in calls))
-
-    print(f"whole model, OPT-125m shape (random weights), one sequence of T={model_length}:")
-    for attn in ("eager", "sea"):
-        result = measure_in_child(dict(common, kind="model", method=attn, length=model_length))
-        if result:
-            records.append(dict(kind="model", method=attn, T=model_length, device=device_name(device),
-                                dtype=dtype, **result))
-            print(f"  {attn:<6} {model_length / result['seconds']:>9,.0f} tokens/s   "
-                  f"peak memory {result['peak_bytes'] / 2**20:,.0f} MB")
-    if plot:
-        plot_benchmark(lengths, records, plot, f"{device_name(device)}, {dtype}")
-    if json_path:
-        write_records(records, json_path)
-    return records
-
-
 def write_records(records, path):
     """Raw figures as JSON: the benchmarks' (one object per measurement, docs/bench-*.json) or an
     evaluation's row."""
     Path(path).write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {path}")
-
-
-def device_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores)"
-
-
-def plot_benchmark(lengths, records, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in dict.fromkeys(r["method"] for r in records if r["kind"] == "attention"):
-        rows = [r for r in records if r["kind"] == "attention" and r["method"] == method]
-        ax_time.plot([r["T"] for r in rows], [r["seconds"] * 1e3 for r in rows], "o-", label=method)
-        ax_memory.plot([r["T"] for r in rows], [r["peak_bytes"] / 2**20 for r in rows], "o-", label=method)
-    for ax, label in ((ax_time, "latency (ms)"), (ax_memory, "peak memory (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"causal attention alone: {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     print(f"wrote {path}")
 
 
@@ -625,32 +400,22 @@ def parse_args(argv):
     source.add_argument("--ckpt", help="a checkpoint written by train.py")
     source.add_argument("--init-from", help="a pretrained model: smollm2-135m (fetched once), a llama GGUF file, "
                                             "a Hugging Face directory (OPT or llama) or hub name")
-    source.add_argument("--bench", action="store_true", help="latency/memory benchmark of the attention")
-    source.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
-    source.add_argument("--bench-decode", action="store_true",
-                        help="time per generated token with a cache, dense against SEA, after 1k..8k tokens")
     source.add_argument("--curves", nargs="+", metavar="HISTORY",
                         help="history.jsonl files written by train.py: draw recall against tokens "
                              "into --plot")
     p.add_argument("--labels", help="comma-separated names of the --curves runs (default: their folders)")
-    p.add_argument("--bench-lengths", type=length_list,
-                   help="comma-separated sequence lengths for --bench (default 1k..32k on a CPU, 1k..128k on a GPU)")
     p.add_argument("--json", help="also write the raw figures to this JSON file (an evaluation's ppl, tokens, "
-                                  "windows, block_size, ratio and recall; every benchmark measurement)")
+                                  "windows, block_size, ratio and recall)")
     p.add_argument("--max-windows", type=positive_int, help="evaluate the split's first N windows only")
-    p.add_argument("--bench-heads", type=positive_int, default=12)
-    p.add_argument("--bench-model-length", type=positive_int, default=2048,
-                   help="sequence length of the whole-model line of --bench")
     p.add_argument("--teacher", help="a dense teacher: adds the perplexity ratio and, for SEA, "
                                      "mask statistics (kept keys, recall vs oracle)")
-    p.add_argument("--plot", help="PNG file: teacher vs SEA estimated attention vs SEA kept keys "
-                                  "(with --bench: latency and memory against T)")
+    p.add_argument("--plot", help="PNG file: teacher vs SEA estimated attention vs SEA kept keys")
     p.add_argument("--layer", type=int, help="--plot: the layer of the top row (default: the most content-driven "
                                              "head's)")
     p.add_argument("--head", type=non_negative_int, help="--plot: the head of the top row (default as --layer)")
     p.add_argument("--sample", metavar="PROMPT", help="with --ckpt/--init-from: print the prompt's continuation")
     p.add_argument("--max-new-tokens", type=positive_int,
-                   help="--sample: tokens to generate (default 100); --bench-decode: tokens to time (default 16)")
+                   help="--sample: tokens to generate (default 100)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="--sample: softmax temperature")
     p.add_argument("--top-k", type=positive_int, help="--sample: sample among the k most likely tokens (1: greedy)")
     p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed")
@@ -674,14 +439,11 @@ def parse_args(argv):
     p.add_argument("--data-dir", help="WikiText-2 folder (default $SEA_DATA_DIR, else download)")
     p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
     p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="default float32; --bench: float16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     return p, p.parse_args(argv)
 
 
 def run(p, args):
-    if args.bench_child:
-        return bench_child(json.loads(args.bench_child))
     if args.curves:
         if not args.plot:
             p.error("--curves draws a picture: pass --plot FILE.png")
@@ -689,15 +451,6 @@ def run(p, args):
         if labels and len(labels) != len(args.curves):
             p.error(f"--labels names {len(labels)} runs but --curves has {len(args.curves)}")
         return plot_curves(args.curves, args.plot, labels)
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    if args.bench:
-        longest = 17 if args.device.startswith("cuda") else 15  # 128k on a GPU, 32k on a CPU
-        lengths = args.bench_lengths or [2 ** n for n in range(10, longest + 1)]
-        return benchmark(lengths, args.device, dtype, heads=args.bench_heads,
-                         model_length=args.bench_model_length, plot=args.plot, json_path=args.json)
-    if args.bench_decode:
-        lengths = args.bench_lengths or [1024, 2048, 4096, 8192]
-        return decode_benchmark(lengths, args.device, dtype, args.max_new_tokens or 16, args.json)
 
     model = load_model(args.ckpt or args.init_from, **attention_swap(args)).to(args.device)
     if args.attn:  # training-free: the swapped attention's gates open, its output the softmax over its keys
@@ -781,51 +534,6 @@ def sample_text(model, prompt, max_new_tokens, temperature, top_k, seed, device)
     print(f"\n[{new_tokens} tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tokens/s, prompt included, "
           f"attn={model.config.attn}{stop}]")
     return text
-
-
-@torch.no_grad()
-def time_decoding(method, context, new_tokens, device, dtype):
-    """Seconds per greedy token after a cached context of `context` random tokens, with an
-    OPT-125m-shaped model (random weights, positions for the context and the new tokens): dense
-    attention with its key/value cache, or SEA with its own. The prompt pass is not timed; the
-    peak memory is the whole process's (CUDA: allocated)."""
-    synchronize = synchronizer(device)
-    model = Decoder(DecoderConfig.preset("opt-125m", attn=method, block_size=context + new_tokens)).to(device).eval()
-    caches = [LayerCache() for _ in model.layers]
-    step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
-    with autocast_context(device, dtype):
-        token = step(torch.randint(0, model.config.vocab_size, (1, context), device=device))[:, -1:].argmax(-1)
-        synchronize()
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = step(token)[:, -1:].argmax(-1)
-        synchronize()
-    seconds = (time.perf_counter() - started) / new_tokens
-    return dict(seconds_per_token=seconds, peak_bytes=peak_bytes(device))
-
-
-def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
-    """Time per generated token after a context, and peak memory, dense with a key/value cache
-    against SEA with its cache; each figure from a child process of its own."""
-    print(f"decoding with a cache, OPT-125m shape (random weights), on {device_name(device)}, {dtype}: "
-          f"ms per generated token (averaged over {new_tokens}) / peak memory (MB)")
-    print(f"{'context':>8} {'dense':>20} {'sea':>20}")
-    records = []
-    for context in contexts:
-        cells = []
-        for method in ("dense", "sea"):
-            result = measure_in_child(dict(kind="decode", method=method, length=context, new_tokens=new_tokens,
-                                           device=device, dtype=dtype))
-            if not result:
-                cells.append(f"{'failed':>20}")
-                continue
-            records.append(dict(kind="decode", method=method, context=context, device=device_name(device),
-                                dtype=dtype, **result))
-            cells.append(f"{result['seconds_per_token'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}")
-        print(f"{context:>8} " + " ".join(cells), flush=True)
-    if json_path:
-        write_records(records, json_path)
-    return records
 
 
 def main(argv=None):

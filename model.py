@@ -146,6 +146,8 @@ class DenseAttention(nn.Module):
     def extend(self, q, k, v, start, state):
         """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)) over the keys and values of
         every position so far (B, H, start + R, D). Nothing to keep but those: state stays None."""
+        if start == 0:  # a prompt into an empty cache: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0), None
         visible = causal_mask(torch.arange(start, k.size(2), device=q.device), k.size(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0), None
 

@@ -16,11 +16,14 @@ keys only. The steps follow the paper:
   8. mix               with the running mean of the values, by a second gate
 
 Shapes: B batch, H heads, T sequence, D head dim, T_M bins, R query rows of a chunk.
-At inference nothing here is T x T but the helpers for the loss and pictures at the
-bottom: the rows go a chunk at a time, each chunk handing the next the state it needs
-(the same state that decoding one token at a time keeps). Training runs step 7 as a
-masked dense softmax, as the distillation loss is T x T anyway. `python sea.py` walks
-through the steps on a small input.
+GatedSparseAttention.attend_chunk runs the eight steps in order for one chunk of rows; the
+choice of keys (steps 3-6) is the one thing SEA and its controls (the window, the
+sink-window) do differently. At inference nothing here is T x T but the helpers for the loss
+and pictures at the bottom: the rows go a chunk at a time, each chunk handing the next the
+state it needs (the same state that decoding one token at a time keeps), and step 7 reads one
+block of keys per kept cell. Training runs step 7 as a masked dense softmax, as the
+distillation loss is T x T anyway. `python sea.py` walks through the inference path on a
+small input.
 """
 
 import math
@@ -37,8 +40,7 @@ class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
     t_m: int = 256  # T_M, the predictor length: bins per compressed attention row
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
-    query_chunk: int = 128  # query rows per step at inference, all eight steps (bounds memory; on a
-    # CPU smaller chunks are also faster: their gathered keys stay in cache)
+    query_chunk: int = 256  # query rows per step at inference, all eight steps: bounds the memory
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
     pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
     sinks: int = 4  # the sink-window control: the first keys every row keeps (StreamingLLM's attention sinks)
@@ -83,30 +85,35 @@ class ReLUFeatures(nn.Module):
         return F.relu((x * x.size(-1) ** -0.25) @ self.W.T) + 1e-3
 
 
-def causal_linear_attention(phi_q, phi_k, v, sums=None, chunk=128):
+def causal_linear_attention(phi_q, phi_k, v, sums=None, block=128):
     """c_i = phi(q_i)^T S_i / phi(q_i)^T z_i, S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
 
     phi_q, phi_k (B, H, T, m), v (B, H, T, E) -> (B, H, T, E), and the sums (S, z) after the
-    last row. Chunk by chunk: inside a chunk a small causal (chunk x chunk) product, across
-    chunks the carried sums S (B, H, m, E) and z (B, H, m), which start from `sums` when the
-    rows continue earlier ones (decoding).
+    last row. The rows go in blocks, all in one batch of matmuls: inside a block a small causal
+    (block x block) product, from the blocks before their sums S (B, H, m, E) and z (B, H, m),
+    which start from `sums` when the rows continue earlier ones (decoding).
     """
     B, H, T, m = phi_q.shape
-    S, z = sums if sums is not None else (phi_q.new_zeros(B, H, m, v.size(-1)), phi_q.new_zeros(B, H, m))
-    out = []
-    for start in range(0, T, chunk):
-        q, k, u = (t[:, :, start:start + chunk] for t in (phi_q, phi_k, v))
-        local = (q @ k.transpose(-2, -1)).tril()  # (B, H, c, c), causal inside the chunk
-        numerator = local @ u + q @ S
-        denominator = local.sum(-1) + (q @ z.unsqueeze(-1)).squeeze(-1)
-        out.append(numerator / denominator.unsqueeze(-1))
-        S = S + k.transpose(-2, -1) @ u
-        z = z + k.sum(-2)
-    return torch.cat(out, dim=2), (S, z)
+    n = -(-T // block)
+    # rows past T, to fill the last block: zero keys and values add nothing to any sum; queries of ones
+    # keep those rows' denominators above 0, so even their gradient (zero, they are dropped) stays finite
+    blocks = lambda x, fill=0.0: F.pad(x, (0, 0, 0, n * block - T), value=fill).view(B, H, n, block, -1)
+    q, k, u = blocks(phi_q, 1.0), blocks(phi_k), blocks(v)  # (B, H, n, block, m or E)
+    S0, z0 = sums if sums is not None else (phi_q.new_zeros(B, H, m, v.size(-1)), phi_q.new_zeros(B, H, m))
+    block_S, block_z = k.transpose(-2, -1) @ u, k.sum(-2)  # each block's own sums, (B, H, n, m, E), (B, H, n, m)
+    S = S0[:, :, None] + F.pad(block_S.cumsum(2), (0, 0, 0, 0, 1, 0))  # (B, H, n + 1, m, E): before each block
+    z = z0[:, :, None] + F.pad(block_z.cumsum(2), (0, 0, 1, 0))
+    local = (q @ k.transpose(-2, -1)).tril()  # (B, H, n, block, block), causal inside a block
+    numerator = local @ u + q @ S[:, :, :-1]
+    denominator = local.sum(-1) + (q @ z[:, :, :-1, :, None]).squeeze(-1)
+    out = (numerator / denominator.unsqueeze(-1)).view(B, H, n * block, -1)[:, :, :T]  # padded rows dropped
+    return out, (S[:, :, -1], z[:, :, -1])
 
 
 class PerformerAttention(nn.Module):
     """The Performer baseline: causal FAVOR+ (ReLU kernel) used as the attention itself."""
+
+    ROWS_PER_CALL = 4096  # rows per causal_linear_attention call: bounds its (block x block) products
 
     def __init__(self, head_dim, nbf):
         super().__init__()
@@ -120,8 +127,13 @@ class PerformerAttention(nn.Module):
         so far, the prefix sums of the rows before (None at the start) -> (out, sums)."""
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = full_precision(q), full_precision(k[:, :, start:]), full_precision(v[:, :, start:])
-            out, sums = causal_linear_attention(self.features(q), self.features(k), v, sums)
-        return out.to(v.dtype), sums
+            outs = []
+            for first in range(0, q.size(2), self.ROWS_PER_CALL):
+                rows = slice(first, first + self.ROWS_PER_CALL)
+                out, sums = causal_linear_attention(self.features(q[:, :, rows]), self.features(k[:, :, rows]),
+                                                    v[:, :, rows], sums)
+                outs.append(out)
+        return torch.cat(outs, dim=2).to(v.dtype), sums
 
 
 # -----------------------------------------------------------------------------
@@ -192,27 +204,22 @@ def grouped_topk(p_hat, rows, k):
     """Step 5: keep the top n_i of the H * T_M cells of each row, across heads together.
 
     p_hat (B, H, R, T_M) -> keep (B, H, R, T_M) bool. Bins that hold no key (rows shorter
-    than T_M) are ranked last, so short rows with a large budget come out dense.
+    than T_M) are ranked last, so short rows with a large budget come out dense. Ties go to the
+    lower cell (the x4 upsample makes bins tie in groups of four, and ties must go the same way
+    however many rows a chunk holds): every cell above the n_i-th largest value is kept, and of
+    the cells equal to it the first ones, as many as the budget still allows. kernel.select_bins
+    ranks the same way.
     """
     B, H, R, T_M = p_hat.shape
     empty = bin_widths(rows, T_M) == 0  # (R, T_M)
     cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * T_M)
-    budget = row_budget(rows, H, k, T_M)  # (R,)
-    top = rank_keys(cells).topk(int(budget.max()), dim=-1).indices  # (B, R, n_max)
-    in_budget = torch.arange(top.size(-1), device=rows.device) < budget[:, None]  # (R, n_max)
-    keep = torch.zeros(B, R, H * T_M, dtype=torch.bool, device=rows.device)
-    keep.scatter_(-1, top, in_budget.expand(B, R, -1))
+    budget = row_budget(rows, H, k, T_M)[:, None]  # (R, 1)
+    largest = cells.topk(int(budget.max()), dim=-1).values  # (B, R, n_max)
+    threshold = largest.gather(-1, (budget - 1).expand(B, R, 1))  # the n_i-th largest value of each row
+    above, tied = cells > threshold, cells == threshold
+    room = budget - above.sum(-1, keepdim=True)  # how many of the tied cells still fit
+    keep = above | (tied & (tied.cumsum(-1) <= room))
     return keep.view(B, R, H, T_M).transpose(1, 2)
-
-
-def rank_keys(cells):
-    """(..., C) probabilities, -1 for empty cells -> unique int64 keys in the same order, ties to the
-    lower cell (the x4 upsample makes bins tie in groups of four, and ties must go the same way
-    however many rows a chunk holds). kernel.select_bins ranks by the same keys."""
-    C = cells.size(-1)
-    bits = cells.float().clamp_min(0).view(torch.int32).long() + 1  # p >= 0: its bits order like p
-    value = torch.where(cells < 0, 0, bits)  # empty cells rank last
-    return value * C + (C - 1 - torch.arange(C, device=cells.device))
 
 
 def decompress(keep, rows):
@@ -229,40 +236,115 @@ def decompress(keep, rows):
 
 
 # -----------------------------------------------------------------------------
-# step 7: sparse attention on the kept keys (pure PyTorch, O(kept keys) memory)
+# the kept keys of a chunk of rows, and step 7 on them (pure PyTorch, O(kept keys) memory)
 
-def sparse_attention(q, k, v, keep, row0):
-    """Softmax attention of query rows row0 .. row0 + R - 1 over their kept keys only.
+class KeptKeys:
+    """Which keys each (batch, head, row) of a chunk of query rows attends, as *cells*: runs of
+    consecutive keys [start, start + length), five flat tensors b, h, r, start, length (r counts
+    the chunk's rows from 0), a (b, h, r)'s cells contiguous. SEA's cells are its kept bins
+    (B, H, R, T_M), which the Triton kernels read as they are: their cells are found (step 6)
+    only when asked for. The window controls give one or two runs per row, the oracle single keys."""
 
-    q (B, H, R, D) those rows' queries; k, v (B, H, T, D); keep (B, H, R, T_M). Returns
-    (B, H, R, D), at least float32; a head that kept no bin in a row gets zeros there (the
-    running-mean gate carries it).
-    Each kept cell's key range is gathered as one block of W keys (W = the widest bin,
-    the extra slots masked), so scores and outputs are small batched matmuls.
+    def __init__(self, shape, cells=None, bins=None, rows=None):
+        self.shape, self._cells, self.bins, self.rows = tuple(shape), cells, bins, rows  # shape: (B, H, R)
+
+    @classmethod
+    def of_bins(cls, bins, rows):  # kept bins (B, H, R, T_M) of the rows at positions `rows` (R,)
+        return cls(bins.shape[:3], bins=bins, rows=rows)
+
+    @classmethod
+    def of_runs(cls, B, H, runs):  # runs: [(start (R,), length (R,)), ...], the same for every (b, h)
+        start, length = (torch.stack(column, dim=-1) for column in zip(*runs))  # (R, runs)
+        b, h, r, run = (length > 0).expand(B, H, *length.shape).nonzero(as_tuple=True)
+        return cls((B, H, length.size(0)), (b, h, r, start[r, run], length[r, run]))
+
+    @classmethod
+    def of_mask(cls, mask):  # (B, H, R, T) bool: every kept key a cell of its own
+        b, h, r, key = mask.nonzero(as_tuple=True)
+        return cls(mask.shape[:3], (b, h, r, key, torch.ones_like(key)))
+
+    @property
+    def cells(self):
+        if self._cells is None:
+            self._cells = decompress(self.bins, self.rows)  # step 6
+        return self._cells
+
+    def per_head(self):
+        """(B, H, R): how many keys each head keeps in each row."""
+        if self.bins is not None:
+            return kept_keys_per_head(self.bins, self.rows)
+        b, h, r, _, length = self.cells
+        return length.new_zeros(self.shape).index_put_((b, h, r), length, accumulate=True)
+
+    def mask(self, T):
+        """(B, H, R, T) bool: key j kept by head h in row r. Kept bins: by the bin of each key; cells: each adds
+        +1 at its start and -1 past its end, and the running sum is positive on the kept keys."""
+        if self.bins is not None:
+            return kept_key_mask(self.bins, int(self.rows[0]), T)
+        b, h, r, start, length = self.cells
+        steps = torch.zeros(*self.shape, T + 1, dtype=torch.int32, device=start.device)
+        steps.index_put_((b, h, r, start), torch.ones_like(start, dtype=torch.int32), accumulate=True)
+        steps.index_put_((b, h, r, start + length), -torch.ones_like(start, dtype=torch.int32), accumulate=True)
+        return steps.cumsum(-1)[..., :T] > 0
+
+
+GATHERED_FLOATS = 1 << 20  # keys copied per piece of step 7 (4 MB): a piece is still in the CPU's cache when
+# its scores are computed (measured: 1 << 20 ran 32k rows in 5.9 s, 1 << 22 in 6.5 s)
+
+
+def row_table(x):
+    """x (B, H, T, D) as one table of rows (N, D), a view where x's rows are contiguous (a decoding cache,
+    a slice of longer rows; else a copy), and row(b, h, j), the table row of x[b, h, j]."""
+    x = x if x.stride(-1) == 1 and x.stride(-2) == x.size(-1) else x.contiguous()
+    B, H, T, D = x.shape
+    row = lambda b, h, j: (b * x.stride(0) + h * x.stride(1)) // D + j
+    return x.as_strided((row(B - 1, H - 1, T), D), (D, 1)), row
+
+
+def sparse_attention(q, k, v, kept):
+    """Step 7: softmax attention of the chunk's query rows q (B, H, R, D) over their kept keys only
+    (KeptKeys), k, v (B, H, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
+    row gets zeros there (the running-mean gate carries it).
+
+    Each cell's keys are read as one block of W consecutive keys (W: the widest cell; a block
+    that would run past T starts earlier, the extra keys masked): a row of a strided view of k
+    whose row j holds keys j .. j + W - 1, so the copy is one contiguous block per cell. The
+    values are not copied: embedding_bag sums each cell's value rows, weighted, where they lie.
+    The cells go in pieces; each gives every cell its own softmax (max m, sum l, weighted values
+    o), and the cells of one (batch, head, row) are merged at the end, the way flash attention
+    merges key blocks: out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, M the row's largest m_c.
     """
-    B, H, R, _ = keep.shape
-    D = k.size(-1)
-    b, h, r, start, length = decompress(keep, torch.arange(row0, row0 + R, device=q.device))
-    slot = torch.arange(int(length.max()), device=q.device)  # (W,)
-    in_bin = slot < length[:, None]  # (cells, W)
-    head = b * H + h  # which (batch, head) slice of q, k, v
-    key_pos = start[:, None] + torch.where(in_bin, slot, 0)  # (cells, W) key positions
-    # flatten(0, 1) is a view even when k, v are the first rows of longer tensors: no copy of all keys
-    keys = full_precision(k.flatten(0, 1)[head[:, None], key_pos])  # (cells, W, D)
-    values = full_precision(v.flatten(0, 1)[head[:, None], key_pos])
-    queries = full_precision(q.flatten(0, 1)[head, r])  # (cells, D)
-    scores = (keys @ queries[:, :, None]).squeeze(-1).masked_fill(~in_bin, float("-inf"))  # (cells, W)
-
-    # one softmax per (batch, head, row) across all of its cells
-    segment = head * R + r
-    n_segments = B * H * R
-    row_max = scores.new_full((n_segments,), float("-inf"))
-    row_max = row_max.scatter_reduce(0, segment, scores.detach().amax(-1), "amax")
-    weights = torch.exp(scores - row_max[segment, None])  # masked slots give exp(-inf) = 0
-    total = scores.new_zeros(n_segments).index_add(0, segment, weights.sum(-1))
-    probs = weights / total[segment, None]
-    cell_out = (probs[:, None, :] @ values).squeeze(1)  # (cells, D)
-    return scores.new_zeros(n_segments, D).index_add(0, segment, cell_out).view(B, H, R, D)
+    B, H, R, D = q.shape
+    T = k.size(2)
+    (queries, q_row), (keys, k_row), (values, v_row) = (row_table(full_precision(x)) for x in (q, k, v))
+    b, h, r, start, length = kept.cells
+    W = int(length.max())
+    first = start.clamp(max=T - W)  # (cells,) each block's first key
+    key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
+    query_row, block_row, value_row = q_row(b, h, r), k_row(b, h, first), v_row(b, h, first)  # (cells,) each
+    lo, hi = start - first, start - first + length  # (cells,) the cell's keys within its block
+    slot = torch.arange(W, device=q.device)
+    maxima, sums, outs = [], [], []
+    per_piece = max(1, GATHERED_FLOATS // (W * D))
+    for piece in range(0, len(b), per_piece):
+        cell = slice(piece, piece + per_piece)
+        query = queries.index_select(0, query_row[cell])[:, None, :]  # (n, 1, D)
+        block = key_runs.index_select(0, block_row[cell]).view(-1, W, D)  # (n, W, D)
+        in_cell = (slot >= lo[cell, None]) & (slot < hi[cell, None])  # (n, W)
+        scores = (query @ block.transpose(1, 2)).squeeze(1).masked_fill(~in_cell, float("-inf"))
+        m = scores.detach().amax(-1)  # every cell holds a key: finite
+        weights = torch.exp(scores - m[:, None])  # 0 off the cell
+        maxima.append(m)
+        sums.append(weights.sum(-1))
+        value_rows = value_row[cell, None] + slot  # (n, W)
+        outs.append(F.embedding_bag(value_rows, values, per_sample_weights=weights, mode="sum"))  # (n, D)
+    m, l, o = torch.cat(maxima), torch.cat(sums), torch.cat(outs)
+    row = (b * H + h) * R + r  # (cells,) which (batch, head, row) each cell belongs to
+    row_max = m.new_full((B * H * R,), float("-inf")).scatter_reduce(0, row, m, "amax")
+    scale = torch.exp(m - row_max[row])
+    total = m.new_zeros(B * H * R).index_add(0, row, l * scale)
+    out = o.new_zeros(B * H * R, D).index_add(0, row, o * scale[:, None])
+    return (out / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]).view(B, H, R, D)
 
 
 def masked_attention(q, k, v, mask):
@@ -335,9 +417,13 @@ GATE_OPEN = 40.0  # sigmoid(40) rounds to 1 in float64: 1 - 4e-18
 
 
 class GatedSparseAttention(nn.Module):
-    """What SEA and its window control share: the linear estimate and the encoder (steps 1-2),
-    which feed the gates, the gate g0 of step 7 and the running-mean mix of step 8. A subclass
-    decides which keys each query keeps (`attend_rows`)."""
+    """SEA and its controls: the eight steps in order (attend_chunk). The linear estimate and the
+    encoder (steps 1-2) feed the gates; step 7 is a softmax over the kept keys; the gate g0 and the
+    running-mean mix of step 8 finish it. A subclass says which keys each query keeps
+    (choose_keys): SEA by its estimate (steps 3-6), the controls by a rule."""
+
+    FEW_KEYS = 1024  # rows that see at most this many keys run step 7 as a masked softmax: their many small
+    # cells (early rows keep most bins, of one key each) cost more than the (R x T) scores
 
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__()
@@ -358,16 +444,6 @@ class GatedSparseAttention(nn.Module):
             self.gates.bias.fill_(GATE_OPEN)
         return self
 
-    def encode(self, q, k, v, start=0, sums=None):
-        """Steps 1-2 for the rows start .. start + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
-        from the linear estimate over [positions, values], and its prefix sums after them."""
-        B, H, R, D = v.shape
-        q, k, v = full_precision(q), full_precision(k), full_precision(v)
-        positions = self.positions[start:start + R].expand(B, H, R, D).to(v.dtype)
-        c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums,
-                                          chunk=self.linear_chunk(q))
-        return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
-
     def forward(self, q, k, v, need_weights=False):
         """q (already scaled), k, v (B, H, T, D) -> out (B, H, T, D), aux.
 
@@ -379,72 +455,95 @@ class GatedSparseAttention(nn.Module):
         # full precision whatever autocast is on outside: the kept keys must not depend on it
         with torch.autocast(q.device.type, enabled=False):
             if need_weights or (torch.is_grad_enabled() and q.requires_grad):
-                out, aux, _ = self.attend(q, k, v, materialize=True)
+                out, aux, _ = self.attend_chunk(q, k, v, 0, None, materialize=True)
                 return out, aux if need_weights else {"kept_per_head": aux["kept_per_head"]}
             out, aux, _ = self.attend_in_chunks(q, k, v, 0, None)
         return out, aux
 
-    def extend(self, q, k, v, start, state):
-        """Decoding, one token or a few at a time: the rows start .. start + R - 1 (q (B, H, R, D)), given k
-        and v of every position so far and the DecodingState of the rows before (None at the
-        start). Returns (out (B, H, R, D), the state after these rows): the same numbers as the
+    def extend(self, q, k, v, row0, state):
+        """Decoding, one token or a few at a time: the rows row0 .. row0 + R - 1 (q (B, H, R, D)), given k
+        and v of every position so far and the DecodingState of the rows before (None at
+        row 0). Returns (out (B, H, R, D), the state after these rows): the same numbers as the
         rows of one full pass."""
         with torch.autocast(q.device.type, enabled=False):
-            out, _, state = self.attend_in_chunks(q, k, v, start, state)
+            out, _, state = self.attend_in_chunks(q, k, v, row0, state)
         return out, state
 
-    def attend_in_chunks(self, q, k, v, start, state):
-        """attend, a chunk of rows at a time (chunk_rows), passing the state along."""
+    def attend_in_chunks(self, q, k, v, row0, state):
+        """attend_chunk over the rows row0 .. row0 + R - 1, chunk_rows at a time, passing the state along."""
         outs, kept = [], []
         R, step = q.size(2), self.chunk_rows(q)
         for first in range(0, R, step):
-            end = start + min(first + step, R)  # keys and values up to the chunk's last row
-            out, aux, state = self.attend(q[:, :, first:first + step], k[:, :, :end], v[:, :, :end],
-                                          False, start + first, state)
+            end = row0 + min(first + step, R)  # keys and values up to the chunk's last row
+            out, aux, state = self.attend_chunk(q[:, :, first:first + step], k[:, :, :end], v[:, :, :end],
+                                                row0 + first, state)
             outs.append(out)
             kept.append(aux["kept_per_head"])
         return torch.cat(outs, dim=2), {"kept_per_head": torch.cat(kept, dim=2)}, state
 
     def chunk_rows(self, q):
-        """Query rows per step at inference: SEAConfig.query_chunk bounds the memory."""
+        """Query rows per chunk at inference: SEAConfig.query_chunk bounds the memory."""
         return self.cfg.query_chunk
 
-    def linear_chunk(self, q):
-        """Rows per block of the linear attention's prefix sums (step 1)."""
-        return 128
+    def uses_kernel(self, q):
+        """The Triton kernels (kernel.py) for steps 5 and 7: SEAConfig.use_kernel, by default on CUDA.
+        They never need a backward pass: selection passes no gradient, and training runs step 7 masked."""
+        return q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
 
-    def attend(self, q, k, v, materialize, start=0, state=None):
-        """All eight steps for the rows start .. T - 1 (q (B, H, R, D), k, v (B, H, T, D),
-        T = start + R): (out, aux, the DecodingState after them). A full pass is start = 0 with
-        no state. materialize: build the (B, H, R, T) kept-key mask (training, pictures)."""
-        R, T = q.size(2), k.size(2)
-        new_v = full_precision(v[:, :, start:])
-        e, sums = self.encode(q, k[:, :, start:], new_v, start, None if state is None else state.sums)
-        e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # the decoder's halo rows too
-        e_start = start - (e_rows.size(2) - R)  # the position of e_rows' first row
-        key_prefix = self.key_prefix(k[:, :, start:], None if state is None else state.key_prefix)
-        context, aux = self.attend_rows(q, k, v, e_rows, e_start, start, materialize, key_prefix)  # steps 3-7
+    def attend_chunk(self, q, k, v, row0, state, materialize=False):
+        """The eight steps for the query rows row0 .. row0 + R - 1: q (B, H, R, D); k, v (B, H, T, D)
+        of every position up to the last row (T = row0 + R); state: the DecodingState after the
+        rows before (None when row0 = 0). Returns (out (B, H, R, D), aux, the state after these
+        rows). materialize: step 7 as a masked dense softmax, the (B, H, R, T) mask in aux."""
+        T = k.size(2)
+        rows = torch.arange(row0, T, device=q.device)
+        new_k, new_v = k[:, :, row0:], full_precision(v[:, :, row0:])
+        # steps 1-2: the linear estimate over [positions, values], encoded: e (B, H, R, 2D)
+        e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
+        e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
+        key_prefix = None
+        if self.cfg.pooled_keys:
+            key_prefix = KeyPrefixSums(new_k) if state is None else state.key_prefix.extend(new_k)
+        # steps 3-6: the keys each (head, row) keeps
+        kept, aux = self.choose_keys(q, k, e_rows, rows, key_prefix)
+        # step 7: the exact softmax over the kept keys
+        if materialize or T <= self.FEW_KEYS:
+            mask = kept.mask(T)
+            context = masked_attention(q, k, v, mask)
+            if materialize:
+                aux["kept_mask"] = mask
+        elif self.uses_kernel(q) and kept.bins is not None:
+            from kernel import sparse_attention_blocks  # Triton is optional: import when used
+            context = sparse_attention_blocks(q, k, v, kept.bins, row0)
+        else:
+            context = sparse_attention(q, k, v, kept)
+        # steps 7-8: the gate g0 on that context, the mix g1 with the running mean of the values
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
         v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i
-        running_mean = v_sum / torch.arange(start + 1, T + 1, device=v.device)[:, None]
-        out = g1 * g0 * context + (1 - g1) * running_mean  # steps 7 (the gate) and 8
+        out = g1 * g0 * context + (1 - g1) * v_sum / (rows + 1)[:, None]
+        aux["kept_per_head"] = kept.per_head()
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
         return out.to(v.dtype), aux, state
 
-    def key_prefix(self, new_k, before):
-        """The KeyPrefixSums after the keys new_k (B, H, R, D), given those before them (None at
-        the start), where the subclass reads them; None where it does not."""
-        return None
+    def encode(self, q, new_k, new_v, row0, sums=None):
+        """Steps 1-2 for the rows row0 .. row0 + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
+        from the linear estimate over [positions, values], and its prefix sums after them."""
+        B, H, R, D = new_v.shape
+        q, k, v = full_precision(q), full_precision(new_k), full_precision(new_v)
+        positions = self.positions[row0:row0 + R].expand(B, H, R, D).to(v.dtype)
+        c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums)
+        return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
-        """The query rows q (B, H, R, D) at positions row0 .. row0 + R - 1: (context (B, H, R, D)
-        before the gate, aux of (B, H, R, ...) tensors). k, v hold every position up to the last
-        row, e the encoded rows from position e_start on, key_prefix what key_prefix returned."""
+    def choose_keys(self, q, k, e, rows, key_prefix):
+        """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps: (KeptKeys,
+        aux of (B, H, R, ...) tensors). k holds every key up to the last row; e the encoded rows,
+        these rows' the last R, before them up to HALO rows above; key_prefix the keys'
+        KeyPrefixSums with SEAConfig.pooled_keys, else None."""
         raise NotImplementedError
 
 
 class SEAAttention(GatedSparseAttention):
-    """SEA: the estimate (steps 1-4) picks the kept bins (5-6) of a sparse softmax (7)."""
+    """SEA: the estimate (steps 3-4) picks the kept bins (5-6) of a sparse softmax (7)."""
 
     KERNEL_CHUNK = 16384  # query rows per step of the Triton path: bounds the (B, H, R, T_M) estimate
 
@@ -457,78 +556,49 @@ class SEAAttention(GatedSparseAttention):
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, T_M)."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.compressed_scores(q, self.encode(q, k, v)[0], 0, 0, self.key_prefix(k, None))
+            key_prefix = KeyPrefixSums(k) if self.cfg.pooled_keys else None
+            rows = torch.arange(k.size(2), device=q.device)
+            return self.compressed_scores(q, self.encode(q, k, v, 0)[0], rows, key_prefix)
 
-    def key_prefix(self, new_k, before):
-        if not self.cfg.pooled_keys:
-            return None
-        return KeyPrefixSums(new_k) if before is None else before.extend(new_k)
-
-    def compressed_scores(self, q, e, e_start, row0, key_prefix):
-        """Step 3 for the query rows q (B, H, R, D) from row0 on: the decoder's s_hat (B, H, R, T_M),
-        which needs e (rows from position e_start on) from the HALO rows above; with
+    def compressed_scores(self, q, e, rows, key_prefix):
+        """Step 3 for the query rows q (B, H, R, D) at positions `rows`: the decoder's s_hat
+        (B, H, R, T_M) from e (these rows' and up to HALO rows above); with
         SEAConfig.pooled_keys, plus each bin's mean logit from the KeyPrefixSums."""
-        R, halo = q.size(2), CompressedScoreDecoder.HALO
-        first = max(e_start, row0 - halo)
-        s_hat = self.decoder(e[:, :, first - e_start:row0 + R - e_start])[:, :, -R:]
+        s_hat = self.decoder(e)[:, :, -q.size(2):]
         if self.cfg.pooled_keys:
-            rows = torch.arange(row0, row0 + R, device=q.device)
             s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, key_prefix.sums(), rows, self.cfg.t_m)
         return s_hat
-
-    def uses_kernel(self, q):
-        """The Triton kernels (kernel.py): SEAConfig.use_kernel, by default on CUDA. They never
-        need a backward pass: selection passes no gradient, and training runs step 7 masked."""
-        return q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
 
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
 
-    def linear_chunk(self, q):
-        return 1024 if self.uses_kernel(q) else 128  # on a GPU, fewer and larger matmuls
-
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
-        T, T_M, R = k.size(2), self.cfg.t_m, q.size(2)
-        rows = torch.arange(row0, row0 + R, device=q.device)
-        s_hat = self.compressed_scores(q, e, e_start, row0, key_prefix)  # step 3
+    def choose_keys(self, q, k, e, rows, key_prefix):
+        T_M = self.cfg.t_m
+        s_hat = self.compressed_scores(q, e, rows, key_prefix)  # step 3
         p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
         if self.cfg.sink_bin:  # rank the bin of key 0 (the attention sink) first, in every head
             p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
-        if self.uses_kernel(q):  # steps 5-7 in two Triton kernels, no host sync
-            from kernel import select_bins, sparse_attention_blocks  # Triton is optional: import when used
-            keep = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))
-            context = None if materialize else sparse_attention_blocks(q, k, v, keep, row0)
+        if self.uses_kernel(q):  # step 5 in Triton, no host sync
+            from kernel import select_bins  # Triton is optional: import when used
+            row0 = k.size(2) - q.size(2)
+            bins = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))
         else:
-            keep = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
-            context = None if materialize else sparse_attention(q, k, v, keep, row0)  # steps 6-7
-        aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep, scores=s_hat)
-        if materialize:  # step 7 as a masked dense softmax, with the T x T mask at hand
-            mask = kept_key_mask(keep, row0, T)
-            aux.update(kept_mask=mask)
-            context = masked_attention(q, k, v, mask)
-        return context, aux
+            bins = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
+        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins, scores=s_hat)  # step 6 when asked for
 
 
 class WindowAttention(GatedSparseAttention):
     """A control: SEA's gates, mix and per-row budget, but each head keeps its most recent keys, as
     many as SEA's budget gives a head of that row on average. If SEA does no better than this, its
-    estimate adds nothing. It runs as a masked dense softmax: a control for analysis, not a fast
-    method."""
+    estimate adds nothing."""
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
-        B, H, T = k.shape[:3]
-        rows = torch.arange(row0, row0 + q.size(2), device=q.device)
-        width = window_widths(rows, H, self.cfg.k, self.cfg.t_m)  # (R,)
-        mask = self.key_mask(q, k, rows, width).expand(B, H, -1, -1)  # (B, H, R, T)
-        aux = dict(kept_per_head=width.expand(B, H, -1))
-        if materialize:
-            aux.update(kept_mask=mask)
-        return masked_attention(q, k, v, mask), aux
+    def choose_keys(self, q, k, e, rows, key_prefix):
+        width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
+        return KeptKeys.of_runs(q.size(0), self.n_head, self.runs(rows, width)), {}
 
-    def key_mask(self, q, k, rows, width):
-        """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps, `width` (R,) of
-        them in each row: (R, T) when all heads keep the same ones, else (B, H, R, T)."""
-        return recent_key_mask(rows, k.size(2), width)
+    def runs(self, rows, width):
+        """[(start (R,), length (R,)), ...]: the runs of keys every head of the rows `rows` keeps, `width` in all."""
+        return [(rows - width + 1, width)]
 
 
 class SinkWindowAttention(WindowAttention):
@@ -536,8 +606,9 @@ class SinkWindowAttention(WindowAttention):
     where many heads of a pretrained model park their attention, plus the most recent ones, as many
     keys per (head, row) in all as the window keeps."""
 
-    def key_mask(self, q, k, rows, width):
-        return sink_window_mask(rows, k.size(2), width, self.cfg.sinks)
+    def runs(self, rows, width):
+        sinks = torch.clamp(width, max=self.cfg.sinks)
+        return [(torch.zeros_like(rows), sinks), (rows - width + sinks + 1, width - sinks)]
 
 
 class PerfectEstimateAttention(GatedSparseAttention):
@@ -545,23 +616,19 @@ class PerfectEstimateAttention(GatedSparseAttention):
     the exact attention's mass per bin, computed here from q and k (T x T work). With a pretrained
     model's own q, k, v it is the best any estimate can do with SEA's layout."""
 
-    def attend_rows(self, q, k, v, e, e_start, row0, materialize, key_prefix):
-        rows = torch.arange(row0, row0 + q.size(2), device=q.device)
-        keep = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
-        mask = kept_key_mask(keep, row0, k.size(2))
-        aux = dict(kept_per_head=kept_keys_per_head(keep, rows), kept_bins=keep)
-        if materialize:
-            aux.update(kept_mask=mask)
-        return masked_attention(q, k, v, mask), aux
+    def choose_keys(self, q, k, e, rows, key_prefix):
+        bins = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
+        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins)
 
 
-class OracleAttention(WindowAttention):
+class OracleAttention(GatedSparseAttention):
     """Analysis only: as many keys per (head, row) as the window keeps, but each head's own top keys
     by the exact attention (T x T work): the best choice of that many keys."""
 
-    def key_mask(self, q, k, rows, width):
+    def choose_keys(self, q, k, e, rows, key_prefix):
+        width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
         rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T), 0: top key
-        return (rank < width[:, None]) & causal_mask(rows, k.size(2))
+        return KeptKeys.of_mask((rank < width[:, None]) & causal_mask(rows, k.size(2))), {}
 
 
 def exact_attention(q, k, rows):
@@ -606,7 +673,7 @@ def window_widths(rows, n_head, k, t_m):
 def kept_keys_per_head(kept_bins, rows):
     """(B, H, R, T_M) kept bins of rows `rows` -> (B, H, R): keys each head keeps in each row."""
     widths = bin_widths(rows, kept_bins.size(-1))  # (R, T_M)
-    return (kept_bins.long() * widths).sum(-1)
+    return (kept_bins * widths).sum(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -622,20 +689,6 @@ def key_bins(rows, T, t_m):
 def causal_mask(rows, T):
     """(R, T) bool: key j is visible from row i when j <= i."""
     return torch.arange(T, device=rows.device)[None, :] <= rows[:, None]
-
-
-def recent_key_mask(rows, T, width):
-    """(R, T) bool: the `width` (R,) most recent keys j <= i of each row i."""
-    j = torch.arange(T, device=rows.device)[None, :]
-    return causal_mask(rows, T) & (j > (rows - width)[:, None])
-
-
-def sink_window_mask(rows, T, width, sinks):
-    """(R, T) bool: of the `width` (R,) keys of each row i, the first min(sinks, width) keys of the
-    sequence and the rest the most recent keys j <= i."""
-    first = torch.clamp(width, max=sinks)
-    j = torch.arange(T, device=rows.device)[None, :]
-    return causal_mask(rows, T) & ((j < first[:, None]) | (j > (rows - width + first)[:, None]))
 
 
 def estimated_attention_map(scores):
@@ -685,9 +738,11 @@ def estimate_loss(scores, target):
 # python sea.py: the eight steps on a small random input, with their shapes
 
 def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 23, 47)):
-    """Run SEAAttention once and print what each step produced, then a few rows' budgets and kept keys."""
+    """Run SEAAttention's inference path (attend_chunk) once and print what each step produced, then a
+    few rows' budgets and kept keys."""
     torch.manual_seed(0)
     attention = SEAAttention(H, D, T, cfg).eval()
+    attention.FEW_KEYS = 0  # the sparse step 7 even on this short input
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     q = q * D ** -0.5
     shapes = {}
@@ -701,8 +756,8 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 
              attention.encoder.register_forward_hook(record("encoder")),
              attention.decoder.register_forward_hook(record("decoder")),
              attention.gates.register_forward_hook(record("gates"))]
-    with torch.no_grad():
-        out, aux = attention(q, k, v, need_weights=True)
+    with torch.no_grad():  # the inference path, all rows as one chunk
+        out, aux, _ = attention.attend_chunk(q, k, v, 0, None)
     for hook in hooks:
         hook.remove()
     m = attention.features.W.size(0)
@@ -718,7 +773,8 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 
          f"{int(aux['kept_bins'].sum())} (head, bin) cells kept in all"),
         ("6 decompress", "key ranges", (len(start),),
          "one [start, start + length) per kept cell (empty bins of short rows dropped)"),
-        ("7 sparse attention", "(g0, g1)", shapes["gates"][1].shape, "softmax over kept keys, times sigmoid(g0)"),
+        ("7 sparse attention", "(g0, g1)", shapes["gates"][1].shape,
+         "softmax over each row's cells, a block of keys each, times sigmoid(g0)"),
         ("8 mix", "out", out.shape, "sigmoid(g1) * sparse + (1 - sigmoid(g1)) * running mean of v"),
     ]
     print(f"SEA on a random input: B={B} H={H} T={T} D={D}, T_M={cfg.t_m}, k={cfg.k}\n")

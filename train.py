@@ -32,7 +32,7 @@ from eval import (ArgumentParser, autocast_context, available_device, exit_on_ba
                   non_negative_int, positive_float, positive_int)
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
-from sea import SEAConfig, estimate_loss, full_precision
+from sea import SEAConfig, causal_mask, estimate_loss, full_precision
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -125,7 +125,7 @@ def dense_map_loss(q, k, target):
     0.1 KL(target || student) per row + MSE, with the student's log-probabilities a log_softmax."""
     T = q.size(-2)
     scores = (q @ k.transpose(-2, -1)).float()
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    causal = causal_mask(torch.arange(T, device=q.device), T)
     log_p = scores.masked_fill(~causal, torch.finfo(scores.dtype).min).log_softmax(-1)
     kl = (torch.xlogy(target, target) - target * log_p).sum(-1).mean()
     return 0.1 * kl + F.mse_loss(log_p.exp(), target)

@@ -29,3 +29,12 @@ def wikitext(tmp_path, monkeypatch):
     monkeypatch.setenv("SEA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("SEA_DATA_DIR", raising=False)
     return write_wikitext(tmp_path / "wikitext")
+
+
+@pytest.fixture(autouse=True)
+def sparse_step_7_on_short_rows(monkeypatch):
+    """Inference runs step 7 as a masked softmax on rows that see few keys (GatedSparseAttention.FEW_KEYS);
+    every test's sequence is short, so the tests switch that off and run the sparse path (test_sea checks
+    that both agree)."""
+    from sea import GatedSparseAttention
+    monkeypatch.setattr(GatedSparseAttention, "FEW_KEYS", 0)

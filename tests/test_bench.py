@@ -3,12 +3,12 @@ import math
 
 import torch
 
-import eval as evaluate
+import bench
 
 
 def test_benchmark_runs_at_a_tiny_size(capsys, tmp_path):
-    records = evaluate.main(["--bench", "--bench-lengths", "64,128", "--bench-heads", "2",
-                             "--bench-model-length", "32", "--device", "cpu", "--json", str(tmp_path / "b.json")])
+    records = bench.main(["--bench", "--bench-lengths", "64,128", "--bench-heads", "2",
+                          "--bench-model-length", "32", "--device", "cpu", "--json", str(tmp_path / "b.json")])
     out = capsys.readouterr().out
     attention = [r for r in records if r["kind"] == "attention"]
     assert {r["method"] for r in attention} == {"eager", "sdpa", "performer", "sea-torch"}  # no Triton on a CPU
@@ -19,14 +19,41 @@ def test_benchmark_runs_at_a_tiny_size(capsys, tmp_path):
     assert "growth exponent" in out and "whole model" in out and "tokens/s" in out and "operator calls" in out
 
 
+def test_decode_benchmark_runs_at_a_tiny_size(capsys):
+    records = bench.main(["--bench-decode", "--bench-lengths", "16", "--max-new-tokens", "2", "--device", "cpu"])
+    assert {r["method"] for r in records} == {"dense", "sea"}
+    assert all(r["seconds_per_token"] > 0 and r["prefill_seconds"] > 0 and r["peak_bytes"] > 0
+               and r["context"] == 16 for r in records)
+    assert "ms per generated token" in capsys.readouterr().out
+
+
+def test_model_benchmark_runs_on_smollm2s_shape(capsys, tmp_path):
+    records = bench.main(["--bench-model", "--bench-lengths", "32", "--max-new-tokens", "2", "--device", "cpu",
+                          "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")])
+    assert [r["method"] for r in records] == ["eager", "dense", "sea"]
+    assert all(r["prefill_seconds"] > 0 and r["peak_bytes"] > 0 and r["T"] == 32 for r in records)
+    assert all(r["seconds_per_token"] > 0 for r in records[1:]) and "seconds_per_token" not in records[0]
+    assert json.loads((tmp_path / "m.json").read_text()) == records and (tmp_path / "m.png").stat().st_size > 0
+    assert "SEA / dense:  T=32: prefill" in capsys.readouterr().out
+
+
+def test_profile_splits_seas_time_into_its_steps(capsys):
+    records = bench.main(["--profile", "--bench-lengths", "300", "--bench-heads", "2"])
+    steps = records[0]["steps"]
+    assert records[0]["T"] == 300 and len(steps) == len(bench.PROFILED_STEPS) + 1
+    assert all(seconds > 0 for step, seconds in steps.items() if step != "the rest (4, 8, the loop)")
+    assert math.isclose(sum(steps.values()), records[0]["total_seconds"]) and steps["the rest (4, 8, the loop)"] > 0
+    assert "7 sparse attention" in capsys.readouterr().out
+
+
 def test_plain_eager_attention_is_causal_softmax():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-    torch.testing.assert_close(evaluate.plain_eager_attention(q, k, v), expected)
+    torch.testing.assert_close(bench.plain_eager_attention(q, k, v), expected)
 
 
 def test_growth_exponent_fits_a_power_law():
     lengths = [1024, 2048, 4096, 8192, 16384]
-    assert math.isclose(evaluate.growth_exponent(lengths, [t ** 2 * 1e-9 for t in lengths]), 2.0)
-    assert math.isclose(evaluate.growth_exponent(lengths, [t * 1e-6 for t in lengths], from_length=0), 1.0)
+    assert math.isclose(bench.growth_exponent(lengths, [t ** 2 * 1e-9 for t in lengths]), 2.0)
+    assert math.isclose(bench.growth_exponent(lengths, [t * 1e-6 for t in lengths], from_length=0), 1.0)

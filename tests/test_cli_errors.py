@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import eval as evaluate
 import train
 from model import Decoder, DecoderConfig
@@ -44,7 +45,8 @@ CASES = [  # (entry point, flags, text the one-line error must contain)
     ("eval", ["--ckpt", "{good}", "--batch-size", "0"], "--batch-size"),
     ("eval", ["--ckpt", "{good}", "--data-dir", "{empty}"], "empty"),
     ("eval", ["--ckpt", "{good}", "--data-dir", "{nodata}"], "nowhere"),
-    ("eval", ["--bench", "--bench-lengths", "1024,-8"], "--bench-lengths"),
+    ("bench", ["--bench", "--bench-lengths", "1024,-8"], "--bench-lengths"),
+    ("bench", ["--bench-model", "--max-new-tokens", "0"], "--max-new-tokens"),
     ("train", ["--batch-size", "0"], "--batch-size"),
     ("train", ["--max-iters", "-5"], "--max-iters"),
     ("train", ["--eval-iters", "0"], "--eval-iters"),
@@ -70,7 +72,7 @@ def test_bad_input_gives_one_clean_line(files, capsys, entry, flags, message):
     if entry == "train":
         argv = [*TRAIN, "--data-dir", str(files["data"]), "--out-dir", str(files["out"]), *argv]
     with pytest.raises(SystemExit) as exit_info:  # any other exception would be a traceback
-        (train.main if entry == "train" else evaluate.main)(argv)
+        dict(train=train.main, eval=evaluate.main, bench=bench.main)[entry](argv)
     code = exit_info.value.code
     said = (code if isinstance(code, str) else "") + capsys.readouterr().err
     assert code not in (0, None)

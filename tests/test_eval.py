@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 import eval as evaluate
 from model import Decoder, DecoderConfig
-from sea import grouped_topk, kept_key_mask, sink_window_mask
+from sea import grouped_topk, kept_key_mask
+
+
+def sink_window_mask(T, counts, sinks):
+    """(T, T) bool: of row i's counts[i] keys, the first min(sinks, counts[i]) and the rest the most recent."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    first = counts.clamp(max=sinks)[:, None]
+    return (j <= i) & ((j < first) | (j > i - counts[:, None] + first))
 
 
 def test_perplexity_is_exp_mean_nll():
@@ -58,7 +65,7 @@ def test_sink_window_recall_is_the_mass_under_the_sink_window_mask():
     counts = torch.randint(0, 12, (2, 3, T)).minimum(torch.arange(1, T + 1))
     sink_window = evaluate.same_count_recalls(probs, probs > 0, counts, sinks=4)[2]
     for b, h in ((0, 0), (1, 2)):
-        mask = sink_window_mask(torch.arange(T), T, counts[b, h], 4)
+        mask = sink_window_mask(T, counts[b, h], 4)
         torch.testing.assert_close(sink_window[b, h], (probs[b, h] * mask).sum(-1))
 
 

@@ -54,11 +54,11 @@ def test_sea_decoding_keeps_the_bins_of_the_full_pass(pooled_keys):
     attention = SEAAttention(3, 16, 64, SEAConfig(k=2, t_m=8, pooled_keys=pooled_keys)).double().eval()
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
-        _, full_aux, _ = attention.attend(q, k, v, materialize=True)
-        _, prompt_aux, state = attention.attend(q[:, :, :10], k[:, :, :10], v[:, :, :10], True)
+        _, full_aux, _ = attention.attend_chunk(q, k, v, 0, None, materialize=True)
+        _, prompt_aux, state = attention.attend_chunk(q[:, :, :10], k[:, :, :10], v[:, :, :10], 0, None, True)
         kept = [prompt_aux["kept_bins"]]
         for i in range(10, 40):
-            _, aux, state = attention.attend(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], True, i, state)
+            _, aux, state = attention.attend_chunk(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], i, state, True)
             kept.append(aux["kept_bins"])
     # row i's budget is that of position i, not of a one-row sequence
     assert torch.equal(torch.cat(kept, dim=2), full_aux["kept_bins"])
@@ -92,11 +92,3 @@ def test_sample_command_prints_the_continuation(tmp_path, capsys):
     assert "tokens/s" in out and "stopped at the model's block_size" in out  # 3 prompt tokens + 29 new
     with pytest.raises(SystemExit, match="prompt has 0 tokens"):
         evaluate.main(["--ckpt", str(tmp_path / "sea.pt"), "--sample", ""])
-
-
-def test_decode_benchmark_runs_at_a_tiny_size(capsys):
-    import eval as evaluate
-    records = evaluate.main(["--bench-decode", "--bench-lengths", "16", "--max-new-tokens", "2", "--device", "cpu"])
-    assert {r["method"] for r in records} == {"dense", "sea"}
-    assert all(r["seconds_per_token"] > 0 and r["peak_bytes"] > 0 and r["context"] == 16 for r in records)
-    assert "ms per generated token" in capsys.readouterr().out

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from kernel import select_bins, sparse_attention_blocks  # noqa: E402
-from sea import SEAAttention, SEAConfig, grouped_topk, row_budget, sparse_attention  # noqa: E402
+from sea import KeptKeys, SEAAttention, SEAConfig, grouped_topk, row_budget, sparse_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -43,12 +43,17 @@ def random_inputs(B, H, T, D, T_M, k, dtype, seed=0):
     return q, kk, v, keep
 
 
+def pytorch_path(q, k, v, keep, row0):
+    """Step 7 of sea.py on the kept bins of the query rows q, rows row0 .. row0 + R - 1."""
+    return sparse_attention(q, k, v, KeptKeys.of_bins(keep, torch.arange(row0, row0 + q.size(2), device=q.device)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_block_kernel_matches_pytorch_path(dtype, D):
     # T = 75 is no multiple of the 16-row / 16-key blocks; early rows are dense, later ones sparse
     q, k, v, keep = random_inputs(1, 2, 75, D, 16, 3, dtype)
-    expected = sparse_attention(q, k, v, keep, row0=0)
+    expected = pytorch_path(q, k, v, keep, row0=0)
     got = sparse_attention_blocks(q, k, v, keep, row0=0, block_m=16, block_n=16)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
@@ -64,7 +69,7 @@ def test_block_kernel_single_keys_empty_heads_and_offset_rows():
     keep[1, 0, :, :] = True  # a whole row: dense
     keep = keep.to(DEVICE)
     rows = q[:, :, row0:]
-    expected = sparse_attention(rows, k, v, keep, row0)
+    expected = pytorch_path(rows, k, v, keep, row0)
     got = sparse_attention_blocks(rows, k, v, keep, row0, block_m=16, block_n=16)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert got[0, 2].abs().max() == 0  # a head with no kept bin gives zeros

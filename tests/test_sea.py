@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
-from sea import (CompressedScoreDecoder, KeyPrefixSums, OracleAttention, PerfectEstimateAttention, SEAAttention,
+import sea
+from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, OracleAttention, PerfectEstimateAttention, SEAAttention,
                  SEAConfig, SinkWindowAttention, WindowAttention,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
                  kept_key_mask, masked_attention, pooled_key_scores, row_budget, sparse_attention)
@@ -45,8 +46,20 @@ def masked_attention_of_bins(q, k, v, keep, row0):
     return masked_attention(q, k, v, kept_key_mask(keep, row0, k.size(2)))
 
 
-@pytest.mark.parametrize("step7", [sparse_attention, masked_attention_of_bins])
-def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
+def sparse_attention_of_bins(q, k, v, keep, row0):
+    return sparse_attention(q, k, v, KeptKeys.of_bins(keep, torch.arange(row0, row0 + q.size(2))))
+
+
+def sparse_attention_in_small_pieces(q, k, v, keep, row0, monkeypatch):
+    monkeypatch.setattr(sea, "GATHERED_FLOATS", 5 * 4 * q.size(-1))  # 5 cells of the widest (4 keys): rows cut apart
+    return sparse_attention_of_bins(q, k, v, keep, row0)
+
+
+@pytest.mark.parametrize("step7", [sparse_attention_of_bins, sparse_attention_in_small_pieces,
+                                   masked_attention_of_bins])
+def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7, monkeypatch):
+    if step7 is sparse_attention_in_small_pieces:
+        step7 = lambda *args, row0: sparse_attention_in_small_pieces(*args, row0, monkeypatch)  # noqa: E731
     torch.manual_seed(0)
     B, H, T, D, T_M, k = 2, 3, 50, 8, 16, 3
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -61,6 +74,26 @@ def test_sparse_paths_equal_dense_masked_reference_with_gradients(step7):
     reference_grads = torch.autograd.grad(reference, (q, kk, v), grad)
     for a, b in zip(ours_grads, reference_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_kept_keys_of_bins_runs_and_masks_give_the_same_keys():
+    torch.manual_seed(0)
+    B, H, T, T_M = 2, 3, 40, 8
+    keep = random_keep(B, H, T, T_M, 2)[:, :, 10:]  # rows 10 .. 39
+    rows = torch.arange(10, T)
+    of_bins = KeptKeys.of_bins(keep, rows)
+    mask = kept_key_mask(keep, 10, T)
+    assert torch.equal(of_bins.mask(T), mask)
+    assert torch.equal(KeptKeys.of_mask(mask).mask(T), mask)
+    assert torch.equal(of_bins.per_head(), mask.sum(-1))
+    runs = [(rows - 4, torch.full_like(rows, 3)), (torch.zeros_like(rows), rows % 3)]  # keys i-4..i-2, then 0..
+    expected = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, i in enumerate(rows.tolist()):
+        expected[r, i - 4:i - 1] = True
+        expected[r, :i % 3] = True
+    of_runs = KeptKeys.of_runs(B, H, runs)
+    assert torch.equal(of_runs.mask(T), expected.expand(B, H, -1, -1))
+    assert torch.equal(of_runs.per_head(), expected.sum(-1).expand(B, H, -1))
 
 
 def test_decompression_keys_are_causal_and_follow_the_bins():
@@ -102,7 +135,15 @@ def test_causal_linear_attention_matches_quadratic_form():
     phi_q, phi_k, v = torch.rand(2, 3, 45, 5), torch.rand(2, 3, 45, 5), torch.randn(2, 3, 45, 7)
     weights = (phi_q @ phi_k.transpose(-2, -1)).tril()
     reference = weights @ v / weights.sum(-1, keepdim=True)
-    torch.testing.assert_close(causal_linear_attention(phi_q, phi_k, v, chunk=16)[0], reference)
+    torch.testing.assert_close(causal_linear_attention(phi_q, phi_k, v, block=16)[0], reference)
+    first, sums = causal_linear_attention(phi_q[:, :, :20], phi_k[:, :, :20], v[:, :, :20], block=8)  # carried on
+    rest, _ = causal_linear_attention(phi_q[:, :, 20:], phi_k[:, :, 20:], v[:, :, 20:], sums, block=8)
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), reference)
+    phi_k.requires_grad_(True)  # 45 rows fill blocks of 16 with 3 rows past the end: the gradient stays finite
+    weights = (phi_q @ phi_k.transpose(-2, -1)).tril()
+    expected, = torch.autograd.grad((weights @ v / weights.sum(-1, keepdim=True)).sum(), phi_k)
+    grad, = torch.autograd.grad(causal_linear_attention(phi_q, phi_k, v, block=16)[0].sum(), phi_k)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_sea_attention_module_steps_7_and_8():
@@ -111,7 +152,7 @@ def test_sea_attention_module_steps_7_and_8():
     attention = SEAAttention(H, D, 64, SEAConfig(k=3, t_m=16)).double()
     q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
     out, aux = attention(q, kk, v, need_weights=True)
-    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v)[0])).unbind(-1)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v, 0)[0])).unbind(-1)
     sparse = masked_dense_attention(q, kk, v, formula_key_mask(aux["kept_bins"]))
     running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
     expected = g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean
@@ -121,16 +162,33 @@ def test_sea_attention_module_steps_7_and_8():
     assert estimate.triu(1).abs().max() == 0
 
 
-@pytest.mark.parametrize("pooled_keys", [False, True])
-def test_inference_chunks_equal_one_pass(pooled_keys):
+@pytest.mark.parametrize("kind, pooled_keys", [(SEAAttention, False), (SEAAttention, True), (WindowAttention, False),
+                                               (SinkWindowAttention, False)])
+@pytest.mark.parametrize("chunk", [20, 13, 100])  # divides T = 100, does not, one chunk
+def test_inference_chunks_equal_the_masked_dense_pass(kind, pooled_keys, chunk):
     torch.manual_seed(0)
-    cfg = SEAConfig(k=3, t_m=16, query_chunk=13, pooled_keys=pooled_keys)
-    attention = SEAAttention(2, 8, 128, cfg).eval()
-    q, kk, v = (torch.randn(1, 2, 100, 8) for _ in range(3))
+    cfg = SEAConfig(k=3, t_m=16, query_chunk=chunk, pooled_keys=pooled_keys)
+    attention = kind(2, 8, 128, cfg).double().eval()
+    q, kk, v = (torch.randn(2, 2, 100, 8, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
-        chunked, _ = attention(q, kk, v)
-        whole, _ = attention(q, kk, v, need_weights=True)
+        chunked, chunked_aux = attention(q, kk, v)  # sparse step 7, chunk by chunk
+        whole, whole_aux = attention(q, kk, v, need_weights=True)  # all rows, step 7 under the T x T mask
     torch.testing.assert_close(chunked, whole)
+    assert torch.equal(chunked_aux["kept_per_head"], whole_aux["kept_mask"].sum(-1))
+    reference = masked_dense_attention(q, kk, v, whole_aux["kept_mask"])  # the naive softmax over those keys
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v, 0)[0])).unbind(-1)
+    running_mean = v.cumsum(2) / torch.arange(1, 101, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(chunked, g1[..., None] * g0[..., None] * reference + (1 - g1[..., None]) * running_mean)
+
+
+def test_rows_with_few_keys_run_step_7_masked_with_the_same_numbers():
+    torch.manual_seed(0)
+    attention = SEAAttention(2, 8, 128, SEAConfig(k=3, t_m=16, query_chunk=30)).double().eval()
+    q, kk, v = (torch.randn(2, 2, 100, 8, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        sparse = attention(q, kk, v)[0]
+        attention.FEW_KEYS = 60  # the first two chunks masked, the others sparse
+        torch.testing.assert_close(attention(q, kk, v)[0], sparse)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -196,7 +254,7 @@ def test_window_control_keeps_each_heads_most_recent_keys():
         assert torch.equal(aux["kept_mask"][:, :, i], expected.expand(B, H, T)), f"row {i}"
         assert (aux["kept_per_head"][:, :, i] == width).all()
     assert aux["kept_per_head"][:, :, 64:].double().mean().item() == pytest.approx(k, rel=0.2)
-    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v)[0])).unbind(-1)
+    g0, g1 = torch.sigmoid(attention.gates(attention.encode(q, kk, v, 0)[0])).unbind(-1)
     sparse = masked_dense_attention(q, kk, v, aux["kept_mask"])
     running_mean = v.cumsum(2) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, g1[..., None] * g0[..., None] * sparse + (1 - g1[..., None]) * running_mean)
