@@ -147,6 +147,23 @@ def memory_budget(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def measure_row(length, methods, spec, heads, budget, describe, width):
+    """One printed row of a benchmark table: each method measured at `length` in a child process of its
+    own (spec(method): what to measure; eager only where its maps for `heads` heads fit), each cell
+    describe(result) or why there is none. Returns {method: result} of the measurements that worked."""
+    results, cells = {}, []
+    for method in methods:
+        if method == "eager" and not eager_fits(heads, length, budget):
+            cells.append(f"{'(would not fit)':>{width}}")
+            continue
+        result = measure_in_child(spec(method))
+        if result:
+            results[method] = result
+        cells.append(describe(result) if result else f"{'failed':>{width}}")
+    print(f"{length:>7} " + " ".join(cells), flush=True)
+    return results
+
+
 def eager_fits(heads, length, budget):
     """Whether eager attention's float32 scores and probabilities, (heads, T, T) each, fit in 60% of the memory."""
     return 2 * heads * length * length * 4 <= 0.6 * budget
@@ -177,20 +194,12 @@ def benchmark(lengths, device, dtype, heads=12, head_dim=64, sea=SEAConfig(), mo
           f"k={sea.k}, on {device_name(device)}, {dtype}; time (ms) / peak memory (MB)")
     print(f"{'T':>7} " + " ".join(f"{m:>20}" for m in methods))
     records = []
+    describe = lambda result: f"{result['seconds'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}"
     for length in lengths:
-        cells = []
-        for method in methods:
-            if method == "eager" and not eager_fits(heads, length, budget):
-                cells.append(f"{'(would not fit)':>20}")
-                continue
-            result = measure_in_child(dict(common, method=method, length=length,
-                                           count_calls=method.startswith("sea")))
-            cells.append(f"{result['seconds'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}"
-                         if result else f"{'failed':>20}")
-            if result:
-                records.append(dict(kind="attention", method=method, T=length, device=device_name(device),
-                                    dtype=dtype, **result))
-        print(f"{length:>7} " + " ".join(cells), flush=True)
+        spec = lambda method: dict(common, method=method, length=length, count_calls=method.startswith("sea"))
+        for method, result in measure_row(length, methods, spec, heads, budget, describe, width=20).items():
+            records.append(dict(kind="attention", method=method, T=length, device=device_name(device),
+                                dtype=dtype, **result))
 
     seconds_of = lambda method: [next((r["seconds"] for r in records if r["method"] == method and r["T"] == t),
                                       None) for t in lengths]
@@ -322,22 +331,17 @@ def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=Non
           f"T_M={SEAConfig.t_m}: prefill (s) / ms per generated token (over {new_tokens}) / peak memory (MB)")
     print(f"{'T':>7} " + " ".join(f"{method:>28}" for method in MODEL_METHODS))
     records = []
+    def describe(result):
+        per_token = f"{result['seconds_per_token'] * 1e3:.0f}" if "seconds_per_token" in result else "-"
+        return f"{result['prefill_seconds']:>9.2f} / {per_token:>6} / {result['peak_bytes'] / 2**20:>7.0f}"
+
     for length in lengths:
-        cells = []
-        for method in MODEL_METHODS:
-            if method == "eager" and not eager_fits(config.n_head, length, budget):
-                cells.append(f"{'(would not fit)':>28}")
-                continue
-            result = measure_in_child(dict(kind="decode", preset="smollm2-135m", method=method, length=length,
-                                           new_tokens=new_tokens, device=device, dtype=dtype))
-            if not result:
-                cells.append(f"{'failed':>28}")
-                continue
+        spec = lambda method: dict(kind="decode", preset="smollm2-135m", method=method, length=length,
+                                   new_tokens=new_tokens, device=device, dtype=dtype)
+        for method, result in measure_row(length, MODEL_METHODS, spec, config.n_head, budget, describe,
+                                          width=28).items():
             records.append(dict(kind="smollm2", method=method, T=length, device=device_name(device), dtype=dtype,
                                 **result))
-            per_token = f"{result['seconds_per_token'] * 1e3:.0f}" if "seconds_per_token" in result else "-"
-            cells.append(f"{result['prefill_seconds']:>9.2f} / {per_token:>6} / {result['peak_bytes'] / 2**20:>7.0f}")
-        print(f"{length:>7} " + " ".join(cells), flush=True)
     of = lambda method, t, key: next((r.get(key) for r in records if r["method"] == method and r["T"] == t), None)
     print("SEA / dense:  " + ";  ".join(
         f"T={t}: prefill {of('sea', t, 'prefill_seconds') / of('dense', t, 'prefill_seconds'):.2f}, "

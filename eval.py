@@ -495,7 +495,7 @@ def evaluate_model(p, args, model):
         p.error(f"--teacher {args.teacher} speaks the tokenizer {teacher.config.tokenizer!r}, the model "
                 f"{model.config.tokenizer!r}: pass the teacher the model was distilled from")
     tokens = load_tokens(args.split, args.data_dir, args.cache_dir, model.config.tokenizer)
-    row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype or "float32",
+    row = describe(model, teacher, tokens, block_size, args.batch_size, args.device, args.dtype,
                    max_windows=args.max_windows)
     print(f"{args.split} perplexity {row['ppl']:.2f} on {row['windows']} of {row['of_windows']} windows of "
           f"{block_size} tokens ({row['scored']:,} tokens scored; the split is {row['tokens']:,} tokens), "
