@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
-from model import load_model
-from sea import SEAConfig, estimated_attention_map, kept_key_mask, perfect_estimate_bins
+from controls import perfect_estimate_bins
+from model import ANALYSIS_KINDS, ATTENTION_KINDS, load_model
+from sea import SEAConfig, estimated_attention_map, kept_key_mask
 
-MASKED_KINDS = ("sea", "window", "sink-window", "perfect-estimate", "oracle")  # kept keys to compare with the teacher's
+MASKED_KINDS = tuple(kind for kind in ATTENTION_KINDS + ANALYSIS_KINDS
+                     if kind not in ("dense", "performer", "reformer"))  # kept keys to compare with the teacher's
 RECALL_WINDOWS = 4  # mask statistics use the split's first windows, this many
 
 
@@ -265,33 +267,44 @@ def read_history(path):
 
 
 def plot_curves(paths, path, labels=None):
-    """Mask recall against tokens trained on (the estimator warm-up, then distillation), one
-    color per run: the kept keys (solid), the same-count window (dashed), the oracle (dotted)."""
+    """Training curves against tokens trained on (the estimator warm-up, then distillation), one color
+    per run. Left: the warm-up's estimate loss (a running mean over 10 logged steps). Right: the
+    late-row recall of the kept keys (solid), of the same-count sink-window (dashed) and of the
+    perfect estimate (dotted)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     for number, history in enumerate(paths):
-        entries = [e for e in read_history(history) if "recall" in e]
+        entries = read_history(history)
+        label = labels[number] if labels else Path(history).parent.name
+        losses = [e for e in entries if "estimate_loss" in e]
+        smooth = [mean_of(e["estimate_loss"] for e in losses[max(0, n - 9):n + 1]) for n in range(len(losses))]
+        line, = loss_ax.plot([e["tokens"] for e in losses], smooth, "-", label=label)
+        entries = [e for e in entries if "recall" in e]
         warm_up = max([e["tokens"] for e in entries if e["phase"] == "estimator"], default=0)
         tokens = [e["tokens"] + (warm_up if e["phase"] != "estimator" else 0) for e in entries]
-        label = labels[number] if labels else Path(history).parent.name
-        for ax, suffix in zip(axes, ("_late", "")):
-            line, = ax.plot(tokens, [e["recall" + suffix] for e in entries], "o-", label=label)
-            for name, style in (("window", "--"), ("oracle", ":")):
-                ax.plot(tokens, [e[name + suffix] for e in entries], style, color=line.get_color())
-    for ax, rows in zip(axes, ("second half of each window (where SEA is sparse)", "all rows")):
-        ax.set_xscale("symlog", linthresh=1e5)
+        recall_ax.plot(tokens, [e["recall_late"] for e in entries], "o-", color=line.get_color(), label=label)
+        for name, style in (("sink_window_late", "--"), ("best_estimate_late", ":")):
+            recall_ax.plot(tokens, [e[name] for e in entries], style, color=line.get_color())
+    loss_ax.set_ylabel("estimate loss (running mean of 10 logged steps)")
+    loss_ax.set_title("the estimator warm-up's loss")
+    recall_ax.set_ylabel("teacher attention mass on the kept keys")
+    recall_ax.set_title("recall, second half of each validation window")
+    for ax in (loss_ax, recall_ax):
         ax.set_xlabel("tokens trained on (estimator warm-up, then distillation)")
-        ax.set_ylabel("teacher attention mass on the kept keys")
-        ax.set_title(f"recall, {rows}")
         ax.grid(True, alpha=0.3)
-    axes[0].legend(title="solid: kept keys, dashed: same-count window, dotted: oracle", fontsize=8,
-                   title_fontsize=8)
+    recall_ax.legend(title="solid: kept keys, dashed: same-count sink-window, dotted: perfect estimate",
+                     fontsize=8, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def mean_of(values):
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):
@@ -423,14 +436,19 @@ def parse_args(argv):
                                                      "evaluation (default: the one it was trained with, 0)")
     p.add_argument("--attn", choices=[kind for kind in MASKED_KINDS if kind != "sea"],  # SEA needs its warm-up
                    help="evaluate the model with its attention swapped, training-free (the gates open, so the "
-                        "output is the exact softmax over the kept keys): window, sink-window, or for analysis "
-                        "the oracle (each head's top keys) and the perfect estimate (SEA's bins chosen by the "
-                        "exact attention)")
-    p.add_argument("--k", type=positive_int, default=SEAConfig.k,
-                   help="--attn: kept keys per query per head, on average over the heads")
+                        "output is the exact softmax over the kept keys): a control (controls.py), or for "
+                        "analysis the oracle (each head's top keys) and the perfect estimate (SEA's bins chosen "
+                        "by the exact attention)")
+    p.add_argument("--k", type=positive_int,
+                   help=f"kept keys per query per head, on average over the heads: for --attn (default "
+                        f"{SEAConfig.k}), or a new budget for a SEA checkpoint (its estimate does not depend on it)")
     p.add_argument("--t-m", type=positive_int, default=SEAConfig.t_m,
                    help="--attn: T_M, the predictor length: bins per compressed attention row")
     p.add_argument("--sinks", type=non_negative_int, default=SEAConfig.sinks, help="--attn sink-window: first keys kept")
+    p.add_argument("--block", type=positive_int, default=SEAConfig.block,
+                   help="--attn block-mean, block-bound: keys per block")
+    p.add_argument("--sub-bins", type=positive_int, default=SEAConfig.sub_bins,
+                   help="--attn sea-heuristic: finer bins per bin of the heuristic estimate")
     p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
                                                            "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -460,6 +478,10 @@ def run(p, args):
         if model.config.attn != "sea":
             p.error(f"--sink-bin changes SEA's choice of bins; this model has attn={model.config.attn}")
         model.config.sea.sink_bin = True
+    if args.k and not args.attn:  # a new budget for a checkpoint's kept keys
+        if model.config.attn not in MASKED_KINDS:
+            p.error(f"--k sets how many keys are kept; this model has attn={model.config.attn}")
+        model.config.sea.k = args.k
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
         model.config.reformer.eval_seed = args.reformer_seed
     if args.sample is not None:
@@ -472,7 +494,8 @@ def attention_swap(args):
     """--attn and its knobs as config overrides for load_model (none without --attn)."""
     if not args.attn:
         return {}
-    return dict(attn=args.attn, sea=SEAConfig(k=args.k, t_m=args.t_m, sinks=args.sinks))
+    return dict(attn=args.attn, sea=SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block,
+                                                sub_bins=args.sub_bins))
 
 
 def evaluate_model(p, args, model):

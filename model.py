@@ -15,9 +15,10 @@ The module names mirror OPT's checkpoint keys (minus `model.decoder.`), for both
 weights.py reads other people's formats (Hugging Face directories, GGUF) into these names.
 
 Attention is pluggable: `DecoderConfig.attn` picks the module that turns (q, k, v) into a
-context: "dense" (softmax), "sea" (sea.py), "window" and "sink-window" (SEA's controls),
-"performer" (FAVOR+ linear attention) or "reformer" (LSH attention, reformer.py); for analysis
-only, "perfect-estimate" and "oracle" (keys chosen by the exact attention).
+context: "dense" (softmax), "sea" (sea.py), SEA's controls (controls.py: "window", "sink-window",
+"block-mean", "block-bound", "sea-heuristic"), "performer" (FAVOR+ linear attention) or "reformer"
+(LSH attention, reformer.py); for analysis only, "perfect-estimate" and "oracle" (keys chosen by
+the exact attention).
 `build_attention` is the one place that switch happens. With grouped-query attention each
 query head attends the keys and values of its group: the mechanisms see them repeated per
 query head, the decoding cache holds one copy per key/value head.
@@ -32,14 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reformer import LSHAttention, ReformerConfig
-from sea import (GrowingRows, OracleAttention, PerfectEstimateAttention, PerformerAttention, SEAAttention, SEAConfig,
-                 SinkWindowAttention, WindowAttention, causal_mask, exact_attention)
+from controls import ANALYSIS, CONTROLS
+from sea import GrowingRows, PerformerAttention, SEAAttention, SEAConfig, causal_mask, exact_attention
 from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
 OPT_POSITION_OFFSET = 2  # OPT's learned positions: position p uses row p + 2
-ATTENTION_KINDS = ("dense", "sea", "window", "sink-window", "performer", "reformer")
-ANALYSIS_KINDS = ("perfect-estimate", "oracle")  # need the exact T x T attention: to measure, never to train
+ATTENTION_KINDS = ("dense", "sea", *CONTROLS, "performer", "reformer")
+ANALYSIS_KINDS = tuple(ANALYSIS)  # need the exact T x T attention: to measure, never to train
 
 
 @dataclass
@@ -71,6 +72,9 @@ class DecoderConfig:
             knobs = dict(self.sea)
             if "predictor_length" in knobs:  # checkpoints written before T_M got one name
                 knobs["t_m"] = knobs.pop("predictor_length")
+            if knobs.pop("pooled_keys", False):  # checkpoints written before the residual estimator
+                raise ValueError("a SEA checkpoint with the old pooled-key estimator, which this version no "
+                                 "longer builds: train it again with --estimator residual")
             self.sea = SEAConfig(**knobs)
         if isinstance(self.reformer, dict):
             self.reformer = ReformerConfig(**self.reformer)
@@ -174,8 +178,7 @@ def build_attention(config):
     """The one place where `config.attn` picks the attention mechanism."""
     if config.attn == "dense":
         return DenseAttention()
-    gated_sparse = {"sea": SEAAttention, "window": WindowAttention, "sink-window": SinkWindowAttention,
-                    "perfect-estimate": PerfectEstimateAttention, "oracle": OracleAttention}
+    gated_sparse = {"sea": SEAAttention, **CONTROLS, **ANALYSIS}
     if config.attn in gated_sparse:
         kind = gated_sparse[config.attn]
         return kind(config.n_head, config.head_dim, config.block_size, config.sea)

@@ -7,8 +7,8 @@ keys only. The steps follow the paper:
 
   1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
   2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
-  3. decode            a small causal CNN turns e into compressed scores s_hat (an option
-                       beyond the paper adds each bin's mean logit q . mean(k): pooled_keys)
+  3. decode            a small causal CNN turns e into compressed scores s_hat (ours, beyond the
+                       paper: SEAConfig.estimator = "residual" adds it to an estimate from the keys)
   4. probabilities     p_hat = softmax(s_hat) over the T_M bins
   5. grouped top-k     keep the best bins of all heads together, a budget per row
   6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, key)
@@ -17,8 +17,8 @@ keys only. The steps follow the paper:
 
 Shapes: B batch, H heads, T sequence, D head dim, T_M bins, R query rows of a chunk.
 GatedSparseAttention.attend_chunk runs the eight steps in order for one chunk of rows; the
-choice of keys (steps 3-6) is the one thing SEA and its controls (the window, the
-sink-window) do differently. At inference nothing here is T x T but the helpers for the loss
+choice of keys (steps 3-6) is the one thing SEA and its controls (controls.py: windows, blocks,
+the heuristic estimate) do differently. At inference nothing here is T x T but the helpers for the loss
 and pictures at the bottom: the rows go a chunk at a time, each chunk handing the next the
 state it needs (the same state that decoding one token at a time keeps), and step 7 reads one
 block of keys per kept cell. Training runs step 7 as a masked dense softmax, as the
@@ -35,6 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+ESTIMATORS = ("paper", "residual")  # SEAConfig.estimator
+
+
 @dataclass
 class SEAConfig:
     k: int = 64  # kept keys per query per head on long rows
@@ -42,9 +45,11 @@ class SEAConfig:
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
     query_chunk: int = 256  # query rows per step at inference, all eight steps: bounds the memory
     use_kernel: Optional[bool] = None  # Triton steps 5-7 (kernel.py): None = on CUDA at inference
-    pooled_keys: bool = False  # beyond the paper: add each bin's mean logit q . mean(k) to s_hat
+    estimator: str = "paper"  # "paper", or "residual" (ours): a learned residual on the keys' heuristic estimate
     sinks: int = 4  # the sink-window control: the first keys every row keeps (StreamingLLM's attention sinks)
     sink_bin: bool = False  # beyond the paper: every head keeps the bin holding key 0, within the budget
+    block: int = 4  # the block controls: keys per fixed block
+    sub_bins: int = 4  # the heuristic estimate (residual estimator, sea-heuristic): finer bins per bin
 
     def __post_init__(self):
         if self.k < 1:
@@ -56,6 +61,10 @@ class SEAConfig:
             raise ValueError(f"SEAConfig.nbf={self.nbf} must be positive")
         if self.query_chunk < 1:
             raise ValueError(f"SEAConfig.query_chunk={self.query_chunk} must be >= 1")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"SEAConfig.estimator={self.estimator!r}: choose one of {ESTIMATORS}")
+        if self.block < 1 or self.sub_bins < 1:
+            raise ValueError(f"SEAConfig.block={self.block} and sub_bins={self.sub_bins} must be >= 1")
 
 
 def full_precision(x):
@@ -502,7 +511,7 @@ class GatedSparseAttention(nn.Module):
         e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
         e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
         key_prefix = None
-        if self.cfg.pooled_keys:
+        if self.uses_key_prefix():
             key_prefix = KeyPrefixSums(new_k) if state is None else state.key_prefix.extend(new_k)
         # steps 3-6: the keys each (head, row) keeps
         kept, aux = self.choose_keys(q, k, e_rows, rows, key_prefix)
@@ -538,8 +547,25 @@ class GatedSparseAttention(nn.Module):
         """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps: (KeptKeys,
         aux of (B, H, R, ...) tensors). k holds every key up to the last row; e the encoded rows,
         these rows' the last R, before them up to HALO rows above; key_prefix the keys'
-        KeyPrefixSums with SEAConfig.pooled_keys, else None."""
+        KeyPrefixSums where uses_key_prefix, else None."""
         raise NotImplementedError
+
+    def uses_key_prefix(self):
+        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's mean logits)."""
+        return False
+
+    def keep_bins(self, p_hat, q, k, rows):
+        """Step 5 on the bin probabilities p_hat (B, H, R, T_M) of the query rows q at positions `rows`:
+        the kept bins (B, H, R, T_M), in Triton where uses_kernel. With SEAConfig.sink_bin every head
+        ranks the bin of key 0 (the attention sink) first."""
+        T_M = self.cfg.t_m
+        if self.cfg.sink_bin:
+            p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
+        if self.uses_kernel(q):  # no host sync
+            from kernel import select_bins  # Triton is optional: import when used
+            row0 = k.size(2) - q.size(2)
+            return select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))
+        return grouped_topk(p_hat, rows, self.cfg.k)
 
 
 class SEAAttention(GatedSparseAttention):
@@ -550,85 +576,44 @@ class SEAAttention(GatedSparseAttention):
     def __init__(self, n_head, head_dim, max_positions, cfg):
         super().__init__(n_head, head_dim, max_positions, cfg)
         self.decoder = CompressedScoreDecoder(n_head, 2 * head_dim, cfg.t_m)
-        if cfg.pooled_keys:
-            self.pooled_scale = nn.Parameter(torch.ones(n_head, 1, 1))
+        if self.residual:  # the decoder's output starts at exactly 0: untrained, SEA is the heuristic estimate
+            nn.init.zeros_(self.decoder.norm_out.weight)
+            nn.init.zeros_(self.decoder.norm_out.bias)
+
+    @property
+    def residual(self):
+        return self.cfg.estimator == "residual"
+
+    def uses_key_prefix(self):
+        return self.residual
 
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, T_M)."""
         with torch.autocast(q.device.type, enabled=False):
-            key_prefix = KeyPrefixSums(k) if self.cfg.pooled_keys else None
+            key_prefix = KeyPrefixSums(k) if self.residual else None
             rows = torch.arange(k.size(2), device=q.device)
-            return self.compressed_scores(q, self.encode(q, k, v, 0)[0], rows, key_prefix)
+            return self.compressed_scores(q, k, self.encode(q, k, v, 0)[0], rows, key_prefix)
 
-    def compressed_scores(self, q, e, rows, key_prefix):
+    def compressed_scores(self, q, k, e, rows, key_prefix):
         """Step 3 for the query rows q (B, H, R, D) at positions `rows`: the decoder's s_hat
-        (B, H, R, T_M) from e (these rows' and up to HALO rows above); with
-        SEAConfig.pooled_keys, plus each bin's mean logit from the KeyPrefixSums."""
+        (B, H, R, T_M) from e (these rows' and up to HALO rows above); the residual estimator adds
+        it to the heuristic estimate of the keys k (heuristic_bin_scores, from the KeyPrefixSums)."""
         s_hat = self.decoder(e)[:, :, -q.size(2):]
-        if self.cfg.pooled_keys:
-            s_hat = s_hat + self.pooled_scale * pooled_key_scores(q, key_prefix.sums(), rows, self.cfg.t_m)
+        if self.residual:
+            s_hat = s_hat + heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
         return s_hat
 
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
 
     def choose_keys(self, q, k, e, rows, key_prefix):
-        T_M = self.cfg.t_m
-        s_hat = self.compressed_scores(q, e, rows, key_prefix)  # step 3
-        p_hat = s_hat.detach().softmax(-1)  # step 4; the estimate learns from the estimate loss only
-        if self.cfg.sink_bin:  # rank the bin of key 0 (the attention sink) first, in every head
-            p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
-        if self.uses_kernel(q):  # step 5 in Triton, no host sync
-            from kernel import select_bins  # Triton is optional: import when used
-            row0 = k.size(2) - q.size(2)
-            bins = select_bins(p_hat, row0, row_budget(rows, self.n_head, self.cfg.k, T_M))
-        else:
-            bins = grouped_topk(p_hat, rows, self.cfg.k)  # step 5
+        s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3
+        # step 4; the estimate learns from the estimate loss only. The paper ranks the bins by their
+        # softmax, ours by each bin's estimated mass (its keys' weight times their count), as the
+        # perfect estimate ranks them
+        p_hat = bin_masses(s_hat.detach(), rows) if self.residual else s_hat.detach().softmax(-1)
+        bins = self.keep_bins(p_hat, q, k, rows)  # step 5
         return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins, scores=s_hat)  # step 6 when asked for
-
-
-class WindowAttention(GatedSparseAttention):
-    """A control: SEA's gates, mix and per-row budget, but each head keeps its most recent keys, as
-    many as SEA's budget gives a head of that row on average. If SEA does no better than this, its
-    estimate adds nothing."""
-
-    def choose_keys(self, q, k, e, rows, key_prefix):
-        width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
-        return KeptKeys.of_runs(q.size(0), self.n_head, self.runs(rows, width)), {}
-
-    def runs(self, rows, width):
-        """[(start (R,), length (R,)), ...]: the runs of keys every head of the rows `rows` keeps, `width` in all."""
-        return [(rows - width + 1, width)]
-
-
-class SinkWindowAttention(WindowAttention):
-    """The control a pretrained model needs (StreamingLLM's layout): the first SEAConfig.sinks keys,
-    where many heads of a pretrained model park their attention, plus the most recent ones, as many
-    keys per (head, row) in all as the window keeps."""
-
-    def runs(self, rows, width):
-        sinks = torch.clamp(width, max=self.cfg.sinks)
-        return [(torch.zeros_like(rows), sinks), (rows - width + sinks + 1, width - sinks)]
-
-
-class PerfectEstimateAttention(GatedSparseAttention):
-    """Analysis only: SEA's layout (bins, grouped top-k, budget: steps 5-7) with a perfect estimate,
-    the exact attention's mass per bin, computed here from q and k (T x T work). With a pretrained
-    model's own q, k, v it is the best any estimate can do with SEA's layout."""
-
-    def choose_keys(self, q, k, e, rows, key_prefix):
-        bins = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
-        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins)
-
-
-class OracleAttention(GatedSparseAttention):
-    """Analysis only: as many keys per (head, row) as the window keeps, but each head's own top keys
-    by the exact attention (T x T work): the best choice of that many keys."""
-
-    def choose_keys(self, q, k, e, rows, key_prefix):
-        width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
-        rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T), 0: top key
-        return KeptKeys.of_mask((rank < width[:, None]) & causal_mask(rows, k.size(2))), {}
 
 
 def exact_attention(q, k, rows):
@@ -638,17 +623,9 @@ def exact_attention(q, k, rows):
     return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
 
 
-def perfect_estimate_bins(probs, rows, k, t_m):
-    """Step 5 run on the attention itself: each (head, bin) cell's mass of probs (B, H, R, T), the grouped
-    top-k over them -> kept bins (B, H, R, T_M)."""
-    B, H, R, T = probs.shape
-    mass = probs.new_zeros(B, H, R, t_m).scatter_add_(-1, key_bins(rows, T, t_m).expand(B, H, R, T), probs)
-    return grouped_topk(mass, rows, k)
-
-
 def pooled_key_scores(q, prefix, rows, t_m):
     """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
-    `rows`: (B, H, R, T_M), 0 for empty bins. An option beyond the paper (SEAConfig.pooled_keys):
+    `rows`: (B, H, R, T_M), 0 for empty bins. Part of the heuristic estimate (ours, beyond the paper):
     it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
     (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, T_M D) D) work a row, whatever T."""
     q = full_precision(q)
@@ -661,13 +638,44 @@ def pooled_key_scores(q, prefix, rows, t_m):
     return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
 
 
-def window_widths(rows, n_head, k, t_m):
-    """Keys per head of each row for the window control: SEA's budget n_i spread evenly over the
-    heads. A row holds E_i = min(i + 1, T_M) non-empty bins of (i + 1) / E_i keys each; it keeps
-    min(n_i, H E_i) cells, so a head keeps min(n_i, H E_i) (i + 1) / (H E_i) keys on average."""
-    filled = torch.clamp(rows + 1, max=t_m)
-    cells = torch.minimum(row_budget(rows, n_head, k, t_m), n_head * filled)
-    return torch.round(cells * (rows + 1) / (n_head * filled)).long().clamp(1)
+def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
+    """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
+    positions `rows` from the keys k (B, H, T, D) themselves. s_hat gives every key of bin c the
+    weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
+    The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
+    nest in them), every sub-bin's keys taken at their mean logit q_i . mean(k_j)
+    (pooled_key_scores, from the prefix sums; a lower bound, by Jensen, tighter the finer the
+    sub-bins): log(sum_s w_s exp(m_s) / w). The first bin (the attention sink) and the last (the
+    query's own neighbourhood), where pretrained heads put much mass on single keys, are computed
+    exactly from their few keys. 0 for empty bins. O(T_M sub_bins D) work a row, whatever T."""
+    B, H, R, _ = q.shape
+    fine = pooled_key_scores(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins)
+    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(fine.dtype).clamp_min(1e-30).log()
+    widths = bin_widths(rows, t_m)  # (R, T_M)
+    middle = (fine + log_fine_widths).view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
+    q, k = full_precision(q), full_precision(k)
+    W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
+    slot = torch.arange(W, device=q.device)
+    first = q @ k[:, :, :W].transpose(-2, -1)  # (B, H, R, W): the first bin's keys are 0, 1, ...
+    last_keys = k[:, :, (rows[:, None] - W + 1 + slot).clamp_min(0)]  # (B, H, R, W, D): keys i - W + 1 .. i
+    last = (last_keys @ q[..., None]).squeeze(-1)  # (B, H, R, W)
+    scores = torch.cat([log_mean_exp(first, slot < widths[:, :1]), middle[..., 1:-1],
+                        log_mean_exp(last, slot >= W - widths[:, -1:])], dim=-1)
+    return scores.masked_fill(widths == 0, 0.0)
+
+
+def log_mean_exp(logits, kept):
+    """log of the mean of exp(logits) (B, H, R, W) over the slots `kept` (R, W): (B, H, R, 1). A finite
+    fill, not -inf, where a slot is not kept, so that even a row that keeps none has a finite gradient."""
+    fill = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~kept, fill).logsumexp(-1, keepdim=True) - kept.sum(-1, keepdim=True).clamp_min(1).log()
+
+
+def bin_masses(s_hat, rows):
+    """(B, H, R, T_M): each bin's share of a head's estimated attention, softmax(s_c + log width_c) over
+    the bins (0 for empty bins), s_hat (B, H, R, T_M) the per-key log weights of the query rows `rows`."""
+    log_widths = bin_widths(rows, s_hat.size(-1)).to(s_hat.dtype).log()  # -inf for empty bins
+    return (s_hat + log_widths).softmax(-1)
 
 
 def kept_keys_per_head(kept_bins, rows):
@@ -708,6 +716,37 @@ def kept_key_mask(kept_bins, row0=0, T=None):
     return mask & causal_mask(rows, T)
 
 
+class BinTargets(NamedTuple):
+    """What the estimate loss needs of the teacher's attention t (B, H, T, T): far less than t itself."""
+    mass: torch.Tensor  # (B, H, T, T_M): a_c, the teacher's mass in each bin
+    negentropy: torch.Tensor  # (B, H, T): sum_j t_j log t_j of each row
+    squares: torch.Tensor  # (B, H, T): sum_j t_j^2 of each row
+
+
+def bin_mass(probs, rows, t_m):
+    """The attention probs (B, H, R, T) of the query rows `rows` summed per bin: (B, H, R, T_M)."""
+    B, H, R, T = probs.shape
+    return probs.new_zeros(B, H, R, t_m).scatter_add_(-1, key_bins(rows, T, t_m).expand(B, H, R, T), probs)
+
+
+def bin_targets(probs, rows, t_m):
+    """The teacher's causal attention probs (B, H, R, T) of the query rows `rows` -> BinTargets: a row's
+    T numbers reduced to T_M + 2, so a warm-up can drop each layer's map as soon as it is read."""
+    return BinTargets(bin_mass(probs, rows, t_m), torch.xlogy(probs, probs).sum(-1), (probs * probs).sum(-1))
+
+
+def attention_bin_targets(q, k, t_m, rows_per_piece=256):
+    """BinTargets of the exact causal attention of q, k (B, H, T, D), a piece of rows at a time, each
+    over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory."""
+    T = q.size(2)
+    pieces = []
+    for first in range(0, T, rows_per_piece):
+        rows = torch.arange(first, min(first + rows_per_piece, T), device=q.device)
+        probs = exact_attention(q[:, :, first:first + rows_per_piece], k[:, :, :first + len(rows)], rows)
+        pieces.append(bin_targets(probs, rows, t_m))
+    return BinTargets(*(torch.cat(parts, dim=2) for parts in zip(*pieces)))
+
+
 def estimate_loss(scores, target):
     """SEA's estimate loss, 0.1 KL(target || estimate) + MSE(estimate, target), computed per bin.
 
@@ -716,21 +755,17 @@ def estimate_loss(scores, target):
     log_softmax, and both terms need only each bin's key count w and teacher mass a:
         KL  = sum_j t_j log t_j - sum_c a_c log p_c           (per row, averaged over rows)
         MSE = sum_c w_c p_c^2 - 2 sum_c a_c p_c + sum_j t_j^2  (summed, over all T x T entries)
-    scores (B, H, T, T_M) s_hat; target (B, H, T, T) causal probabilities. Equal to the same terms
-    on the (B, H, T, T) estimated map, without building it.
+    scores (B, H, T, T_M) s_hat; target: the teacher's BinTargets (bin_targets of its causal
+    probabilities). Equal to the same terms on the (B, H, T, T) estimated map, without building it.
     """
     B, H, T, T_M = scores.shape
     rows = torch.arange(T, device=scores.device)
-    bins = key_bins(rows, T, T_M).expand(B, H, T, T)
-    visible = causal_mask(rows, T).to(target.dtype)
-    w = torch.zeros(T, T_M, dtype=target.dtype, device=scores.device).scatter_add_(-1, bins[0, 0], visible)
-    a = torch.zeros_like(scores, dtype=target.dtype).scatter_add_(-1, bins, target)  # future keys: 0 mass
+    w = bin_widths(rows, T_M).to(target.mass.dtype)  # (T, T_M)
     scores = full_precision(scores)
     log_p = scores - torch.logsumexp(scores + w.clamp_min(1e-30).log(), dim=-1, keepdim=True)
     p = log_p.exp()
-    entropy_part = torch.xlogy(target, target).sum(-1)  # (B, H, T)
-    kl = (entropy_part - (a * log_p).sum(-1)).mean()
-    squared = (w * p * p).sum(-1) - 2 * (a * p).sum(-1) + (target * target).sum(-1)
+    kl = (target.negentropy - (target.mass * log_p).sum(-1)).mean()
+    squared = (w * p * p).sum(-1) - 2 * (target.mass * p).sum(-1) + target.squares
     return 0.1 * kl + squared.sum() / (B * H * T * T)
 
 

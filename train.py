@@ -32,7 +32,9 @@ from eval import (ArgumentParser, autocast_context, available_device, exit_on_ba
                   non_negative_int, positive_float, positive_int)
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
-from sea import SEAConfig, causal_mask, estimate_loss, full_precision
+from controls import CONTROLS
+from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, bin_targets, causal_mask, estimate_loss,
+                 full_precision)
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -55,7 +57,7 @@ def setup_distributed(device_flag):
 # models and optimizer
 
 OFFICIAL_BASELINES = ("performer", "reformer")  # trained with the official code's own recipe by default
-GATED_KINDS = ("sea", "window", "sink-window")  # sparse attention with SEA's gates (open_gates)
+GATED_KINDS = ("sea", *CONTROLS)  # sparse attention with SEA's gates (open_gates)
 
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
@@ -68,7 +70,8 @@ def build_student(args):
 
 
 def sea_config(args):
-    return SEAConfig(k=args.k, t_m=args.t_m, nbf=args.nbf, pooled_keys=args.pooled_keys, sink_bin=args.sink_bin)
+    return SEAConfig(k=args.k, t_m=args.t_m, nbf=args.nbf, estimator=args.estimator, sink_bin=args.sink_bin,
+                     block=args.block, sub_bins=args.sub_bins)
 
 
 def recipe(args):
@@ -98,7 +101,7 @@ def is_new_attention_parameter(name):
 
 def is_estimator_parameter(name):
     """SEA's estimator (steps 1-3): the positional table P, the encoder and the decoder."""
-    return any(f".mechanism.{part}" in name for part in ("positions", "encoder.", "decoder.", "pooled_scale"))
+    return any(f".mechanism.{part}" in name for part in ("positions", "encoder.", "decoder."))
 
 
 def make_optimizer(model, args, only=lambda name: True):
@@ -184,7 +187,8 @@ class Objective(nn.Module):
         A = teacher["probs"]
         terms = {}
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
-            terms["estimate"] = estimate_loss(student["scores"], A)
+            rows = torch.arange(A.size(2), device=A.device)
+            terms["estimate"] = estimate_loss(student["scores"], bin_targets(A, rows, student["scores"].size(-1)))
         terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], A)
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
@@ -246,14 +250,15 @@ def save_checkpoint(path, model, optimizer, it, best_val, args):
 
 def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, master=True, history=None):
     """Phase 1 (--estimator-iters N): train only SEA's estimator (P, encoder, decoder of every
-    layer) on the estimate loss, from the teacher's own q, k, v and attention maps, layer by layer.
-    No student forward pass and no output layer, so a step costs a fraction of a distillation step.
-    Constant learning rate --estimator-lr, AdamW. With --estimator-overfit every step trains on
+    layer) on the estimate loss, from the frozen teacher's own q, k, v and attention, one window
+    at a time (estimator_step). No student forward pass and no output layer, so a step costs a
+    fraction of a distillation step. AdamW at --estimator-lr, a linear warm-up over the first
+    tenth of the steps, then cosine decay to a tenth. With --estimator-overfit every step trains on
     the validation windows the recall is measured on (the over-fit test)."""
     mechanisms = [block.self_attn.mechanism for block in student.layers]
     optimizer = make_optimizer(student, args, only=is_estimator_parameter)
-    for group in optimizer.param_groups:
-        group["lr"] = args.estimator_lr
+    schedule = argparse.Namespace(lr=args.estimator_lr, min_lr=args.estimator_lr / 10, max_iters=args.estimator_iters,
+                                  warmup_iters=args.estimator_iters // 10)
     generator = torch.Generator().manual_seed(args.seed + 1)
     T = args.block_size
     fixed = None
@@ -262,22 +267,53 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     student.train()
     started = time.time()
     for it in range(1, args.estimator_iters + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it - 1, schedule)
         x = fixed if fixed is not None else get_batch(train_tokens, args.batch_size, T, generator, device)[0]
-        with torch.no_grad(), autocast_context(device, args.dtype):
-            _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
-        losses = [estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), layer["probs"])
-                  for mechanism, layer in zip(mechanisms, layers)]
-        loss = mean(losses)
-        loss.backward()
+        with autocast_context(device, args.dtype):
+            loss = estimator_step(mechanisms, teacher, x)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        tokens = it * args.batch_size * T
         if master and (it % args.log_interval == 0 or it == args.estimator_iters):
             elapsed = time.time() - started
-            print(f"estimator {it}/{args.estimator_iters} | estimate loss {loss.item():.4f} | "
-                  f"{it * args.batch_size * T / elapsed:,.0f} tok/s | {elapsed:.0f}s", flush=True)
+            print(f"estimator {it}/{args.estimator_iters} | estimate loss {loss:.4f} | "
+                  f"{tokens / elapsed:,.0f} tok/s | {elapsed:.0f}s", flush=True)
+            record(history, phase="estimator-loss", step=it, tokens=tokens, estimate_loss=loss,
+                   seconds=round(elapsed, 1))
         if master and (it % args.eval_interval == 0 or it == args.estimator_iters):
             stats = report_recall(student, teacher, val_tokens, args, f"estimator {it}")
-            record(history, phase="estimator", step=it, tokens=it * args.batch_size * T, **stats)
+            record(history, phase="estimator", step=it, tokens=tokens, **stats)
+
+
+def estimator_step(mechanisms, teacher, x):
+    """One window's estimate loss, averaged over the layers, its gradients added to the estimators':
+    the teacher runs one plain forward pass (no T x T maps kept), then each layer in turn builds its
+    teacher map, reduces it to the mass per bin (bin_targets), drops it and runs its own backward
+    pass, so only one layer's map and graph are alive at a time. Returns the loss (a float)."""
+    inputs = teacher_attention_inputs(teacher, x)
+    total = 0.0
+    for mechanism, (q, k, v) in zip(mechanisms, inputs):
+        with torch.no_grad():
+            target = attention_bin_targets(q, k, mechanism.cfg.t_m)
+        loss = estimate_loss(mechanism.estimate(q, k, v), target) / len(inputs)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def teacher_attention_inputs(teacher, x):
+    """Every layer's attention inputs (q, k, v), each (B, H, T, D), of the frozen teacher on x."""
+    captured = []
+    keep = lambda mechanism, inputs, output: captured.append(inputs[:3])
+    hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in teacher.layers]
+    try:
+        with torch.no_grad():
+            teacher.forward_internals(x, need_hidden=False, need_layers=False, need_logits=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
 
 
 def report_recall(student, teacher, val_tokens, args, when):
@@ -342,6 +378,9 @@ def train(args):
     if master and checkpoint is None:  # a fresh run starts a fresh history
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text("")
+    if (args.open_gates or args.training_free) and checkpoint is None:
+        for block in model.layers:  # the student starts as the exact softmax over its kept keys (the warm-up's
+            block.self_attn.mechanism.open_gates()  # recall is measured so too; it trains no gate)
     if args.estimator_iters and checkpoint is None:  # phase 1, before DDP copies rank 0's weights
         warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master, history)
         if args.estimator_overfit:
@@ -350,9 +389,6 @@ def train(args):
             if world > 1:
                 torch.distributed.destroy_process_group()
             return None
-    if (args.open_gates or args.training_free) and checkpoint is None:
-        for block in model.layers:  # the student starts as the exact softmax over its kept keys
-            block.self_attn.mechanism.open_gates()
     if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
         if master:
             save_checkpoint(ckpt_path, model, optimizer, 0, float("nan"), args)
@@ -440,8 +476,13 @@ def parse_args(argv):
     p.add_argument("--attention-terms", action=argparse.BooleanOptionalAction,
                    help="the per-layer attention loss terms (default on; off for performer/reformer, "
                         "as the official code trains them)")
-    p.add_argument("--pooled-keys", action="store_true",
-                   help="SEA, beyond the paper: the estimate adds each bin's mean logit q . mean(k)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default=SEAConfig.estimator,
+                   help="SEA: the paper's estimator, or ours (residual): a learned residual on a training-free "
+                        "estimate from the keys, which it equals before training")
+    p.add_argument("--block", type=positive_int, default=SEAConfig.block,
+                   help="block-mean, block-bound: keys per block")
+    p.add_argument("--sub-bins", type=positive_int, default=SEAConfig.sub_bins,
+                   help="sea --estimator residual, sea-heuristic: finer bins per bin of the heuristic estimate")
     p.add_argument("--sink-bin", action="store_true",
                    help="SEA, beyond the paper: every head of every row keeps the bin that holds key 0 (the "
                         "attention sink of pretrained models), within the same budget")
@@ -514,6 +555,8 @@ def fill_defaults(args, parser):
         parser.error(str(e))
     if args.sink_bin and args.method != "sea":
         parser.error("--sink-bin changes SEA's choice of bins: use it with --method sea")
+    if args.estimator != SEAConfig.estimator and args.method != "sea":
+        parser.error(f"--estimator chooses SEA's estimator: use it with --method sea, not {args.method}")
     if args.estimator_iters and args.method != "sea":
         parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
     if args.training_free and not (args.method == "sea" and args.estimator_iters):
@@ -545,14 +588,14 @@ def fill_defaults(args, parser):
 # the demo: python train.py with no arguments
 
 TEST_DATA_ENV = "SEA_TEST_DATA_DIR"  # the demo's test text, when it is not in the training folder
-DEMO_SWAPS = ("window", "sink-window", "perfect-estimate", "oracle")  # no training: only the key choice
+DEMO_SWAPS = (*CONTROLS, "perfect-estimate", "oracle")  # no training: only the key choice
 
 
 def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, windows=4,
          out_dir="out/demo"):
-    """SmolLM2-135M, frozen, with only its attention swapped: SEA after an estimator warm-up (pooled
-    keys, then the paper's estimator), the window, the sink-window, the perfect estimate and the
-    oracle, each keeping about k keys per query per head (3% of a late row at T = 512). Test
+    """SmolLM2-135M, frozen, with only its attention swapped: SEA after an estimator warm-up (ours,
+    then the paper's estimator), the controls, the perfect estimate and the oracle, each keeping
+    about k keys per query per head (3% of a late row at T = 512). Test
     perplexity of the first `windows` windows and late-row recall, as a table, JSON and pictures."""
     started = time.time()
     step = lambda text: print(f"== {text}  [{time.time() - started:.0f}s]", flush=True)
@@ -568,11 +611,10 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, 
     rows = {"dense teacher": dict(measure(teacher.to(device)), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
     students = {}
-    for number, (name, estimator) in enumerate((("sea, pooled keys", ["--pooled-keys"]),
-                                                ("sea, paper's", [])), start=2):
-        command = ["--method", "sea", *knobs, *estimator, "--training-free", "--estimator-iters",
+    for number, (name, estimator) in enumerate((("sea, residual", "residual"), ("sea, paper's", "paper")), start=2):
+        command = ["--method", "sea", *knobs, "--estimator", estimator, "--training-free", "--estimator-iters",
                    str(warm_up_steps), "--estimator-lr", "3e-3", "--batch-size", "1",
-                   "--out-dir", f"{out_dir}/sea-{'pooled' if estimator else 'paper'}"]
+                   "--out-dir", f"{out_dir}/sea-{estimator}"]
         step(f"{number}/4 {name}: python train.py {' '.join(command)}")
         students[name] = Decoder.from_checkpoint(train(parse_args(command)))
         rows[name] = measure(students[name], teacher_ppl)
@@ -592,7 +634,7 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, 
           f"most recent, the first {SEAConfig.sinks} plus the most recent, SEA's bins chosen by the teacher's "
           f"mass, the teacher's own top keys")
     evaluate.write_records(rows, f"{out_dir}/table.json")
-    evaluate.plot_attention(students["sea, pooled keys"], teacher, tokens, block_size, f"{out_dir}/attention.png")
+    evaluate.plot_attention(students["sea, residual"], teacher, tokens, block_size, f"{out_dir}/attention.png")
     evaluate.plot_layer_recall(rows, f"{out_dir}/recall-per-layer.png")
     return rows
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from model import Decoder, LayerCache, DecoderConfig
+from model import ATTENTION_KINDS, Decoder, LayerCache, DecoderConfig
 from reformer import ReformerConfig
 from sea import SEAAttention, SEAConfig
 
-KINDS = ["dense", "sea", "window", "sink-window", "performer", "reformer"]
+KINDS = ATTENTION_KINDS
 FAMILIES = {"tiny": {}, "tiny-llama": dict(n_kv_head=1)}  # OPT, and Llama with two query heads per key/value head
 
 
@@ -48,10 +48,10 @@ def test_greedy_generation_equals_rerunning_the_full_pass(attn):
     assert torch.equal(generated, expected)
 
 
-@pytest.mark.parametrize("pooled_keys", [False, True])
-def test_sea_decoding_keeps_the_bins_of_the_full_pass(pooled_keys):
+@pytest.mark.parametrize("estimator", ["paper", "residual"])
+def test_sea_decoding_keeps_the_bins_of_the_full_pass(estimator):
     torch.manual_seed(0)
-    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, t_m=8, pooled_keys=pooled_keys)).double().eval()
+    attention = SEAAttention(3, 16, 64, SEAConfig(k=2, t_m=8, estimator=estimator)).double().eval()
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
         _, full_aux, _ = attention.attend_chunk(q, k, v, 0, None, materialize=True)

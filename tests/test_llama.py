@@ -284,7 +284,7 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
     out = tmp_path / "demo"
     rows = train.demo(str(gguf_path), block_size=32, k=4, t_m=8, warm_up_steps=2, windows=2,
                       out_dir=str(out))
-    assert list(rows) == ["dense teacher", "sea, pooled keys", "sea, paper's", *train.DEMO_SWAPS]
+    assert list(rows) == ["dense teacher", "sea, residual", "sea, paper's", *train.DEMO_SWAPS]
     assert all(row["windows"] == 2 and row["ppl"] > 1 for row in rows.values())
     assert all(0 <= row["recall_late"] <= row["oracle_late"] + 1e-5 for name, row in rows.items()
                if name != "dense teacher")
@@ -292,9 +292,9 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
     assert (out / "attention.png").stat().st_size > 0 and (out / "recall-per-layer.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)
-    saved = out / "sea-pooled" / "ckpt.pt"
+    saved = out / "sea-residual" / "ckpt.pt"
     ppl = evaluate.main(["--ckpt", str(saved), "--block-size", "32", "--max-windows", "2"])
-    assert ppl == pytest.approx(rows["sea, pooled keys"]["ppl"], rel=1e-4)
+    assert ppl == pytest.approx(rows["sea, residual"]["ppl"], rel=1e-4)
     capsys.readouterr()
     evaluate.main(["--ckpt", str(saved), "--sample", "the cat", "--max-new-tokens", "3", "--top-k", "1"])
     assert capsys.readouterr().out.startswith("the cat")

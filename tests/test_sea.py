@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
 import sea
-from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, OracleAttention, PerfectEstimateAttention, SEAAttention,
-                 SEAConfig, SinkWindowAttention, WindowAttention,
+from controls import CONTROLS, OracleAttention, PerfectEstimateAttention, SinkWindowAttention, WindowAttention
+from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
                  kept_key_mask, masked_attention, pooled_key_scores, row_budget, sparse_attention)
 
@@ -162,12 +162,12 @@ def test_sea_attention_module_steps_7_and_8():
     assert estimate.triu(1).abs().max() == 0
 
 
-@pytest.mark.parametrize("kind, pooled_keys", [(SEAAttention, False), (SEAAttention, True), (WindowAttention, False),
-                                               (SinkWindowAttention, False)])
+@pytest.mark.parametrize("kind, estimator", [(SEAAttention, "paper"), (SEAAttention, "residual"),
+                                             *((kind, "paper") for kind in CONTROLS.values())])
 @pytest.mark.parametrize("chunk", [20, 13, 100])  # divides T = 100, does not, one chunk
-def test_inference_chunks_equal_the_masked_dense_pass(kind, pooled_keys, chunk):
+def test_inference_chunks_equal_the_masked_dense_pass(kind, estimator, chunk):
     torch.manual_seed(0)
-    cfg = SEAConfig(k=3, t_m=16, query_chunk=chunk, pooled_keys=pooled_keys)
+    cfg = SEAConfig(k=3, t_m=16, query_chunk=chunk, estimator=estimator)
     attention = kind(2, 8, 128, cfg).double().eval()
     q, kk, v = (torch.randn(2, 2, 100, 8, dtype=torch.float64) for _ in range(3))
     with torch.no_grad():
@@ -278,7 +278,7 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
     scores = torch.randn(B, H, T, T_M, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(B, H, T, T, dtype=torch.float64) * 3
     target = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    ours, direct = estimate_loss(scores, target), direct_estimate_loss(scores, target)
+    ours, direct = estimate_loss(scores, bin_targets(target, torch.arange(T), T_M)), direct_estimate_loss(scores, target)
     torch.testing.assert_close(ours, direct)
     torch.testing.assert_close(torch.autograd.grad(ours, scores)[0], torch.autograd.grad(direct, scores)[0])
 
