@@ -264,6 +264,9 @@ def warm_up_estimator(student, teacher, train_tokens, val_tokens, args, device, 
     fixed = None
     if args.estimator_overfit:  # the over-fit test trains on the very windows its recall is measured on
         fixed = evaluate.sample_windows(val_tokens, T, evaluate.RECALL_WINDOWS).to(device)
+    if master:  # where the curve starts: the estimator untrained
+        record(history, phase="estimator", step=0, tokens=0, **report_recall(student, teacher, val_tokens, args,
+                                                                            "estimator 0"))
     student.train()
     started = time.time()
     for it in range(1, args.estimator_iters + 1):

@@ -63,6 +63,8 @@ CASES = [  # (entry point, flags, text the one-line error must contain)
     ("train", ["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "no such device"),
     ("eval", ["--ckpt", "{good}", "--device", "gpu"], "not a device name"),
     ("eval", ["--ckpt", "{good}", "--max-windows", "0"], "--max-windows"),
+    ("eval", ["--ckpt", "{good}", "--k", "8"], "--k sets how many keys are kept"),
+    ("train", ["--method", "window", "--teacher", "{good}", "--estimator", "residual"], "--estimator chooses"),
 ]
 
 

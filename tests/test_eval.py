@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 import eval as evaluate
 from model import Decoder, DecoderConfig
-from sea import grouped_topk, kept_key_mask
+from sea import SEAConfig, grouped_topk, kept_key_mask
 
 
 def sink_window_mask(T, counts, sinks):
@@ -80,3 +81,20 @@ def test_a_perfect_estimate_keeps_the_bins_with_the_most_teacher_mass():
     for seed in range(5):
         random_keep = grouped_topk(torch.rand(1, 2, 40, 8, generator=torch.Generator().manual_seed(seed)), rows, 2)
         assert ((probs * kept_key_mask(random_keep)).sum(dim=(1, 3)) <= best.sum(1) + 1e-5).all()
+
+
+def test_k_sets_a_new_budget_for_a_checkpoints_kept_keys(wikitext, tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=64))
+    torch.save(dict(model=teacher.state_dict(), config=teacher.config.to_dict()), tmp_path / "teacher.pt")
+    student = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=64, attn="sea-heuristic",
+                                           sea=SEAConfig(t_m=16)))
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    torch.save(dict(model=student.state_dict(), config=student.config.to_dict()), tmp_path / "ckpt.pt")
+    common = ["--ckpt", str(tmp_path / "ckpt.pt"), "--teacher", str(tmp_path / "teacher.pt"), "--data-dir",
+              str(wikitext), "--split", "valid", "--block-size", "64", "--max-windows", "2"]
+    kept = {}
+    for k in ("2", "8"):
+        evaluate.main(common + ["--k", k, "--json", str(tmp_path / f"k{k}.json")])
+        kept[k] = json.loads((tmp_path / f"k{k}.json").read_text())["kept_per_head_late"]
+    assert kept["2"] < kept["8"]
