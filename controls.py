@@ -22,8 +22,8 @@ a head of that row on average (window_widths); SEA and sea-heuristic share that 
 import torch
 import torch.nn.functional as F
 
-from sea import (GatedSparseAttention, KeptKeys, bin_mass, bin_masses, causal_mask, exact_attention, full_precision,
-                 grouped_topk, heuristic_bin_scores, row_budget)
+from sea import (GatedSparseAttention, KeptKeys, bin_mass, causal_mask, estimated_bin_shares, exact_attention,
+                 full_precision, grouped_topk, heuristic_bin_scores, row_budget)
 
 
 def window_widths(rows, n_head, k, t_m):
@@ -123,7 +123,7 @@ class HeuristicBinAttention(GatedSparseAttention):
 
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
-        bins = self.keep_bins(bin_masses(s_hat, rows), q, k, rows)
+        bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
         return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins)
 
 

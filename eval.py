@@ -14,6 +14,7 @@ predictions inside it; perplexity = exp(mean token NLL).
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -279,7 +280,7 @@ def plot_curves(paths, path, labels=None):
         entries = read_history(history)
         label = labels[number] if labels else Path(history).parent.name
         losses = [e for e in entries if "estimate_loss" in e]
-        smooth = [mean_of(e["estimate_loss"] for e in losses[max(0, n - 9):n + 1]) for n in range(len(losses))]
+        smooth = [statistics.fmean(e["estimate_loss"] for e in losses[max(0, n - 9):n + 1]) for n in range(len(losses))]
         line, = loss_ax.plot([e["tokens"] for e in losses], smooth, "-", label=label)
         entries = [e for e in entries if "recall" in e]
         warm_up = max([e["tokens"] for e in entries if e["phase"] == "estimator"], default=0)
@@ -300,11 +301,6 @@ def plot_curves(paths, path, labels=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
-
-
-def mean_of(values):
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):

@@ -611,7 +611,7 @@ class SEAAttention(GatedSparseAttention):
         # step 4; the estimate learns from the estimate loss only. The paper ranks the bins by their
         # softmax, ours by each bin's estimated mass (its keys' weight times their count), as the
         # perfect estimate ranks them
-        p_hat = bin_masses(s_hat.detach(), rows) if self.residual else s_hat.detach().softmax(-1)
+        p_hat = estimated_bin_shares(s_hat.detach(), rows) if self.residual else s_hat.detach().softmax(-1)
         bins = self.keep_bins(p_hat, q, k, rows)  # step 5
         return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins, scores=s_hat)  # step 6 when asked for
 
@@ -671,7 +671,7 @@ def log_mean_exp(logits, kept):
     return logits.masked_fill(~kept, fill).logsumexp(-1, keepdim=True) - kept.sum(-1, keepdim=True).clamp_min(1).log()
 
 
-def bin_masses(s_hat, rows):
+def estimated_bin_shares(s_hat, rows):
     """(B, H, R, T_M): each bin's share of a head's estimated attention, softmax(s_c + log width_c) over
     the bins (0 for empty bins), s_hat (B, H, R, T_M) the per-key log weights of the query rows `rows`."""
     log_widths = bin_widths(rows, s_hat.size(-1)).to(s_hat.dtype).log()  # -inf for empty bins
