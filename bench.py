@@ -5,6 +5,7 @@ Benchmarks: how fast SEA runs, and in how much memory, against dense attention.
     python bench.py --bench-decode                  # ms per generated token with a cache, OPT-125m shape
     python bench.py --bench-model [--plot p.png]    # SmolLM2-135M's shape: prefill 2k..32k, decoding after it
     python bench.py --profile                       # where SEA's time goes, step by step, at 2k and 32k
+    python bench.py --profile-decode                # where a generated token's time goes, after 2k and 32k
 
 Every measurement runs in a child process of its own, so its peak memory is its own. Models have
 random weights: speed and memory do not depend on them (SEA's kept keys come from an untrained
@@ -277,21 +278,23 @@ def time_decoding(preset, method, context, new_tokens, device, dtype):
         if isinstance(module, DenseAttention):
             module.eager = method == "eager"
     prompt = torch.randint(0, config.vocab_size, (1, context), device=device)
-    caches = [LayerCache() for _ in model.layers]
-    step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
+    caches = [LayerCache(capacity=context + new_tokens) for _ in model.layers]
+    # the last position's logits only, as generation needs: a 32k prompt's every logit would be 6 GB
+    step = lambda tokens, caches=caches: model.forward_internals(tokens, need_hidden=False, need_layers=False,
+                                                                 logits="last", caches=caches)[0]
     with autocast_context(device, dtype):
-        model(prompt[:, :64])  # warm-up
+        step(prompt[:, :64], None)  # warm-up
         synchronize()
         started = time.perf_counter()
         if method == "eager":
-            model(prompt)
+            step(prompt, None)
             synchronize()
             return dict(prefill_seconds=time.perf_counter() - started, peak_bytes=peak_bytes(device))
-        token = step(prompt)[:, -1:].argmax(-1)
+        token = step(prompt).argmax(-1)
         synchronize()
         prefill, started = time.perf_counter() - started, time.perf_counter()
         for _ in range(new_tokens):
-            token = step(token)[:, -1:].argmax(-1)
+            token = step(token).argmax(-1)
         synchronize()
     return dict(prefill_seconds=prefill, seconds_per_token=(time.perf_counter() - started) / new_tokens,
                 peak_bytes=peak_bytes(device))
@@ -342,7 +345,17 @@ def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=Non
                                           width=28).items():
             records.append(dict(kind="smollm2", method=method, T=length, device=device_name(device), dtype=dtype,
                                 **result))
-    of = lambda method, t, key: next((r.get(key) for r in records if r["method"] == method and r["T"] == t), None)
+    bandwidth = read_bandwidth()
+    print(f"the floor of a generated token, every byte it must read once at {bandwidth / 1e9:.1f} GB/s "
+          f"(this machine's read bandwidth):")
+    for length in lengths:
+        floor = decoding_floor(config, length, SEAConfig(), bandwidth)
+        print(f"{length:>7} " + "  ".join(f"{method} {n / 2**20:,.0f} MB, {s * 1e3:.0f} ms"
+                                          for method, (n, s) in floor.items()))
+        records += [dict(kind="floor", method=method, T=length, bytes_per_token=n, seconds_per_token=s,
+                         bandwidth=bandwidth) for method, (n, s) in floor.items()]
+    of = lambda method, t, key: next((r.get(key) for r in records if r["method"] == method and r["T"] == t
+                                      and r["kind"] == "smollm2"), None)
     print("SEA / dense:  " + ";  ".join(
         f"T={t}: prefill {of('sea', t, 'prefill_seconds') / of('dense', t, 'prefill_seconds'):.2f}, "
         f"decoding {of('sea', t, 'seconds_per_token') / of('dense', t, 'seconds_per_token'):.2f}"
@@ -350,7 +363,7 @@ def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=Non
     if plot:
         panels = (("prefill_seconds", 1, "prefill (s)"), ("seconds_per_token", 1e3, "decoding (ms per token)"),
                   ("peak_bytes", 2 ** -20, "peak memory (MB)"))
-        plot_against_length(records, MODEL_METHODS, panels, plot,
+        plot_against_length([r for r in records if r["kind"] == "smollm2"], MODEL_METHODS, panels, plot,
                             f"SmolLM2-135M shape, whole model: {device_name(device)}, {dtype}")
     if json_path:
         write_records(records, json_path)
@@ -358,6 +371,63 @@ def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=Non
 
 
 MODEL_METHODS = ("eager", "dense", "sea")
+
+
+def read_bandwidth(megabytes=512, repeats=5):
+    """Bytes per second this machine reads from memory: the best of a few sums over a buffer far larger
+    than the caches (what a decoding step's weights and keys cost at the least)."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return buffer.numel() * 4 / best
+
+
+def decoding_floor(config, context, sea, bandwidth):
+    """The least a generated token can cost: the bytes it must read, at `bandwidth`. Every weight once
+    (float32); dense attention every cached key and value; SEA about k keys and values per query head
+    of each layer (its estimate's state is small). Returns {method: (bytes, seconds)}."""
+    weights = 4 * Decoder(config).num_params()
+    per_position = 2 * config.n_layer * config.kv_heads * config.head_dim * 4  # one position's keys and values
+    kept = 2 * config.n_layer * config.n_head * min(sea.k, context) * config.head_dim * 4
+    read = {"dense": weights + context * per_position, "sea": weights + kept}
+    return {method: (n, n / bandwidth) for method, n in read.items()}
+
+
+def profile_decoding(lengths, new_tokens=8, n_layer=2, top=8):
+    """Where a generated token's time goes after each context, dense and SEA, SmolLM2's shape with
+    n_layer of its 30 layers (random weights; the layers are alike, so a layer's figures scale by
+    30 / n_layer): the PyTorch operators that took the most time, in ms per token."""
+    from torch.profiler import ProfilerActivity, profile
+    records = []
+    for length in lengths:
+        for method in ("dense", "sea"):
+            torch.manual_seed(0)
+            config = DecoderConfig.preset("smollm2-135m", n_layer=n_layer, attn=method,
+                                          block_size=max(8192, length + new_tokens + 1))
+            model = Decoder(config).eval()
+            caches = [LayerCache(capacity=length + new_tokens + 1) for _ in model.layers]
+            step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False,
+                                                          logits="last", caches=caches)[0].argmax(-1)
+            with torch.no_grad():
+                token = step(torch.randint(0, config.vocab_size, (1, length)))
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    started = time.perf_counter()
+                    for _ in range(new_tokens):
+                        token = step(token)
+                    per_token = (time.perf_counter() - started) / new_tokens
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+            spent = {e.key: e.self_cpu_time_total / 1e3 / new_tokens for e in ops}  # ms per token
+            calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / new_tokens
+            print(f"{method} after {length} tokens, {n_layer} layers: {per_token * 1e3:.1f} ms a token "
+                  f"(under the profiler), {calls:.0f} operator calls; the most expensive, ms a token:")
+            for name, ms in spent.items():
+                print(f"  {name:<40} {ms:>8.2f}")
+            records.append(dict(kind="profile-decode", method=method, T=length, n_layer=n_layer,
+                                ms_per_token=per_token * 1e3, operator_calls=calls, ms_by_operator=spent))
+    return records
 
 
 PROFILED_STEPS = (("1-2 linear estimate and encoder", "encode"), ("3 decoder (CNN)", "compressed_scores"),
@@ -402,6 +472,9 @@ def parse_args(argv):
     what.add_argument("--bench-model", action="store_true",
                       help="SmolLM2-135M's shape: prefill 2k..32k with eager, dense and SEA, and decoding after it")
     what.add_argument("--profile", action="store_true", help="SEA's time per step (default at 2k and 32k)")
+    what.add_argument("--profile-decode", action="store_true",
+                      help="a generated token's time by operator, dense and SEA, SmolLM2's shape with 2 of its layers "
+                           "(default after 2k and 32k)")
     what.add_argument("--bench-child", help=argparse.SUPPRESS)  # one measurement, in a child process
     p.add_argument("--bench-lengths", type=length_list,
                    help="comma-separated sequence lengths (defaults: --bench 1k..32k on a CPU, 1k..128k on a GPU; "
@@ -434,7 +507,10 @@ def run(args):
     if args.bench_model:
         lengths = args.bench_lengths or [2048, 4096, 8192, 16384, 32768]
         return model_benchmark(lengths, args.device, dtype, args.max_new_tokens, args.plot, args.json)
-    records = profile_steps(args.bench_lengths or [2048, 32768], heads=args.bench_heads)
+    if args.profile_decode:
+        records = profile_decoding(args.bench_lengths or [2048, 32768], args.max_new_tokens)
+    else:
+        records = profile_steps(args.bench_lengths or [2048, 32768], heads=args.bench_heads)
     if args.json:
         write_records(records, args.json)
     return records

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sea import (GatedSparseAttention, KeptKeys, bin_mass, causal_mask, estimated_bin_shares, exact_attention,
-                 full_precision, grouped_topk, heuristic_bin_scores, row_budget)
+                 full_precision, grouped_matmul, grouped_topk, heuristic_bin_scores, row_budget)
 
 
 def window_widths(rows, n_head, k, t_m):
@@ -86,9 +86,9 @@ class BlockMeanAttention(GatedSparseAttention):
         return KeptKeys(top.shape[:3], (b, h, r, start, length)), {}
 
     def block_scores(self, q, k):
-        """q (B, H, R, D), k (B, H, T, D) -> (B, H, R, blocks): q_i . (the mean key of each block). Only
+        """q (B, H, R, D), k (B, H_kv, T, D) -> (B, H, R, blocks): q_i . (the mean key of each block). Only
         complete blocks are ever ranked (block 0 and the own block are kept outright)."""
-        return q @ key_blocks(k, self.cfg.block).mean(3).transpose(-2, -1)
+        return grouped_matmul(q, key_blocks(k, self.cfg.block).mean(3).transpose(-2, -1))
 
 
 class BlockBoundAttention(BlockMeanAttention):
@@ -96,14 +96,14 @@ class BlockBoundAttention(BlockMeanAttention):
     its keys, sum_c max(q_c kmax_c, q_c kmin_c), with kmax, kmin the per-channel max and min of its keys."""
 
     def block_scores(self, q, k):
-        blocks = key_blocks(k, self.cfg.block)  # (B, H, blocks, size, D)
-        kmax, kmin = blocks.amax(3), blocks.amin(3)  # (B, H, blocks, D)
+        blocks = key_blocks(k, self.cfg.block)  # (B, H_kv, blocks, size, D)
+        kmax, kmin = blocks.amax(3), blocks.amin(3)  # (B, H_kv, blocks, D)
         # max(q_c kmax_c, q_c kmin_c) is q_c kmax_c where q_c >= 0, else q_c kmin_c: two matmuls
-        return F.relu(q) @ kmax.transpose(-2, -1) - F.relu(-q) @ kmin.transpose(-2, -1)
+        return grouped_matmul(F.relu(q), kmax.transpose(-2, -1)) - grouped_matmul(F.relu(-q), kmin.transpose(-2, -1))
 
 
 def key_blocks(k, size):
-    """k (B, H, T, D) -> (B, H, ceil(T / size), size, D); the last block padded with copies of the last key
+    """k (B, H_kv, T, D) -> (B, H_kv, ceil(T / size), size, D); the last block padded with copies of the last key
     (only ever a row's own block, which is kept without a score)."""
     B, H, T, D = k.shape
     padded = F.pad(k, (0, 0, 0, -T % size), mode="replicate") if T % size else k

@@ -87,8 +87,8 @@ def sample_windows(tokens, block_size, count):
 @torch.no_grad()
 def attention_internals(student, teacher, idx):
     """Per layer: the teacher's attention probabilities and the student's internals."""
-    _, _, teacher_layers = teacher.eval().forward_internals(idx, need_hidden=False, need_logits=False)
-    _, _, student_layers = student.eval().forward_internals(idx, need_hidden=False, need_logits=False)
+    _, _, teacher_layers = teacher.eval().forward_internals(idx, need_hidden=False, logits=None)
+    _, _, student_layers = student.eval().forward_internals(idx, need_hidden=False, logits=None)
     return teacher_layers, student_layers
 
 

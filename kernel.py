@@ -86,13 +86,16 @@ def select_bins(p_hat, row0, budget):
 
 @triton.jit
 def sparse_attention_blocks_kernel(
-    Q, K, V, Out,  # Q, Out: (B, H, R, D) the launch's query rows; K, V: (B, H, T, D); all contiguous
+    Q, K, V, Out,  # Q, Out: (B, H, R, D) the launch's query rows, contiguous; K, V: (B, H_kv, T, D), rows contiguous
     Keep, Union,  # Keep: (B, H, R, T_M) int8 kept bins; Union: (B, H, n_blocks, T_M) int8, kept by any row of a block
-    T, R, row0, T_M, n_blocks,
+    stride_kb, stride_kh, stride_vb, stride_vh,  # K's and V's strides over batch and head (a cache is a slice)
+    H, G, R, row0, T_M, n_blocks,  # query heads, query heads per key/value head, ...
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # multiply in float32 (the interpreter gets bfloat16 tl.dot wrong)
 ):
     block, bh = tl.program_id(0), tl.program_id(1)  # bh = b * H + h
+    K += (bh // H) * stride_kb + (bh % H) // G * stride_kh  # key/value head h // G of batch b
+    V += (bh // H) * stride_vb + (bh % H) // G * stride_vh
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this launch
     row_valid = rows < R
     i = row0 + rows  # their positions
@@ -111,8 +114,8 @@ def sparse_attention_blocks_kernel(
             end = (2 * (c + 1) * (last_row + 1) + T_M - 1) // (2 * T_M)
             for n in range(start, end, BLOCK_N):
                 j = n + tl.arange(0, BLOCK_N)
-                k = tl.load(K + (bh * T + j[:, None]) * D + d[None, :], mask=(j < end)[:, None], other=0.0)
-                v = tl.load(V + (bh * T + j[:, None]) * D + d[None, :], mask=(j < end)[:, None], other=0.0)
+                k = tl.load(K + j[:, None] * D + d[None, :], mask=(j < end)[:, None], other=0.0)
+                v = tl.load(V + j[:, None] * D + d[None, :], mask=(j < end)[:, None], other=0.0)
                 if UPCAST:
                     k, v = k.to(tl.float32), v.to(tl.float32)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
@@ -132,9 +135,10 @@ def sparse_attention_blocks_kernel(
 
 def sparse_attention_blocks(q, k, v, keep, row0, block_m=64, block_n=64):
     """Same contract as sea.sparse_attention: q (B, H, R, D) rows row0 .. row0 + R - 1, k, v
-    (B, H, T, D) fp32/fp16/bf16, keep (B, H, R, T_M) bool. Returns (B, H, R, D) float32."""
+    (B, H_kv, T, D) fp32/fp16/bf16 (read in place: a cache's slice is not copied), keep (B, H, R, T_M)
+    bool. Returns (B, H, R, D) float32."""
     B, H, R, D = q.shape
-    T, T_M = k.size(2), keep.size(-1)
+    T_M = keep.size(-1)
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"the Triton SEA kernels support head dims {SUPPORTED_HEAD_DIMS}, got {D}; "
                          f"use SEAConfig(use_kernel=False)")
@@ -142,10 +146,12 @@ def sparse_attention_blocks(q, k, v, keep, row0, block_m=64, block_n=64):
     padded = torch.nn.functional.pad(keep, (0, 0, 0, n_blocks * block_m - R))
     union = padded.view(B, H, n_blocks, block_m, T_M).any(dim=3)  # (B, H, n_blocks, T_M)
     out = torch.empty(B, H, R, D, dtype=torch.float32, device=q.device)
-    q, k, v = (t.contiguous() for t in (q, k, v))
+    q = q.contiguous()
+    k, v = (t if t.stride(-1) == 1 and t.stride(-2) == D else t.contiguous() for t in (k, v))
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     sparse_attention_blocks_kernel[(n_blocks, B * H)](
         q, k, v, out, keep.to(torch.int8).contiguous(), union.to(torch.int8).contiguous(),
-        T, R, row0, T_M, n_blocks, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), H, H // k.size(1), R, row0, T_M, n_blocks,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)  # fp32 stays exact
     return out

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from reformer import LSHAttention, ReformerConfig
 from controls import ANALYSIS, CONTROLS
-from sea import GrowingRows, PerformerAttention, SEAAttention, SEAConfig, causal_mask, exact_attention
+from sea import (GrowingRows, PerformerAttention, SEAAttention, SEAConfig, causal_mask, exact_attention,
+                 grouped_matmul)
 from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
@@ -130,7 +131,13 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# attention mechanisms: (q, k, v) of shape (B, H, T, D), q already scaled -> (out, aux)
+# attention mechanisms: q (B, H, T, D), already scaled, and k, v (B, H_kv, T, D) -> (out (B, H, T, D), aux);
+# H_kv < H for grouped-query attention (sea.grouped_matmul)
+
+def grouped(q, k):
+    """Whether query heads share key/value heads (SDPA's enable_gqa: it reads each shared head in place)."""
+    return q.size(1) != k.size(1)
+
 
 class DenseAttention(nn.Module):
     """Causal softmax attention. SDPA for speed; eager (the T x T probabilities materialized,
@@ -142,27 +149,30 @@ class DenseAttention(nn.Module):
 
     def forward(self, q, k, v, need_weights=False):
         if not (need_weights or self.eager):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=grouped(q, k))
             return out, {}
         probs = exact_attention(q, k, torch.arange(q.size(2), device=q.device))  # (B, H, T, T)
-        return (probs.to(v.dtype) @ v), {"probs": probs}
+        return grouped_matmul(probs.to(v.dtype), v), {"probs": probs}
 
     def extend(self, q, k, v, start, state):
         """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)) over the keys and values of
         every position so far (B, H, start + R, D). Nothing to keep but those: state stays None."""
         if start == 0:  # a prompt into an empty cache: plain causal attention
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0), None
-        visible = causal_mask(torch.arange(start, k.size(2), device=q.device), k.size(2))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0), None
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=grouped(q, k)), None
+        # one new row sees every key: no mask (with one, SDPA on a CPU falls back to a path that copies
+        # shared key/value heads per query head)
+        visible = None if q.size(2) == 1 else causal_mask(torch.arange(start, k.size(2), device=q.device), k.size(2))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0, enable_gqa=grouped(q, k)), None
 
 
 class LayerCache:
-    """One layer's decoding cache: the keys and values of every position so far, in buffers that
-    double when full (GrowingRows), and the attention mechanism's own state (SEA's prefix sums
-    and CNN rows, the Performer's sums; see each mechanism's `extend`)."""
+    """One layer's decoding cache: the keys and values of every position so far, one per key/value
+    head, in buffers of `capacity` positions (the prompt plus the tokens to come, when known), that
+    double when full (GrowingRows), and the attention mechanism's own state (SEA's prefix sums and
+    CNN rows, the Performer's sums; see each mechanism's `extend`)."""
 
-    def __init__(self):
-        self.keys, self.values = GrowingRows(), GrowingRows()
+    def __init__(self, capacity=0):
+        self.keys, self.values = GrowingRows(capacity), GrowingRows(capacity)
         self.state = None
 
     @property
@@ -170,7 +180,7 @@ class LayerCache:
         return self.keys.length
 
     def append(self, k, v):
-        """Add the new positions' k, v (B, H, n, D); returns views of all of them so far."""
+        """Add the new positions' k, v (B, H_kv, n, D); returns views of all of them so far."""
         return self.keys.append(k), self.values.append(v)
 
 
@@ -231,9 +241,6 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.append(k, v)  # one copy per key/value head
-        group = self.n_head // self.n_kv_head  # query heads per key/value head
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T_k, D)
         if cache is None:
             context, aux = self.mechanism(q, k, v, need_weights=need_internals)
         else:
@@ -325,17 +332,20 @@ class Decoder(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def forward_internals(self, idx, need_hidden=True, need_layers=True, need_logits=True, caches=None):
+    def forward_internals(self, idx, need_hidden=True, need_layers=True, logits="all", caches=None):
         """Logits plus what distillation and pictures need.
 
         Returns (logits, hidden_states, layers): hidden_states are the L + 1 tensors
         Hugging Face calls `hidden_states` (embedding output, every layer's output but
         the last, the final normalized output), an empty list unless need_hidden; layers
         holds each layer's attention internals (q, k, v, context and the mechanism's own
-        aux, with need_weights), an empty list unless need_layers. need_logits=False skips
-        the output layer (logits None). With caches (one LayerCache per layer), idx holds the
-        tokens after the cached ones (decoding; see generate).
+        aux, with need_weights), an empty list unless need_layers. logits: every position's ("all"),
+        the last position's only ("last", (B, 1, vocab)) or none (None: the output layer skipped).
+        With caches (one LayerCache per layer), idx holds the tokens after the cached ones
+        (decoding; see generate).
         """
+        if logits not in ("all", "last", None):
+            raise ValueError(f"logits={logits!r}: choose 'all', 'last' or None")
         B, T = idx.shape
         start = caches[0].length if caches else 0
         if start + T > self.config.block_size:
@@ -364,10 +374,12 @@ class Decoder(nn.Module):
             x = self.project_out(x)
         if need_hidden:
             hidden_states.append(x)
-        logits = None
-        if need_logits:
-            logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
-        return logits, hidden_states, layers
+        if logits is None:
+            return None, hidden_states, layers
+        if logits == "last":  # (B, 1, vocab): all that generation needs of a prompt (a 32k one's logits: 6 GB)
+            x = x[:, -1:]
+        output = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, output), hidden_states, layers
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
@@ -386,10 +398,12 @@ class Decoder(nn.Module):
             raise ValueError(f"the prompt has {idx.size(1)} tokens; it needs 1 to {self.config.block_size} "
                              f"(the model's block_size)")
         self.eval()
-        caches = [LayerCache() for _ in self.layers]
+        new_tokens = min(max_new_tokens, self.config.block_size - idx.size(1))
+        caches = [LayerCache(capacity=idx.size(1) + new_tokens) for _ in self.layers]
         tokens = idx
-        for _ in range(min(max_new_tokens, self.config.block_size - idx.size(1))):
-            logits = self.forward_internals(tokens, need_hidden=False, need_layers=False, caches=caches)[0]
+        for _ in range(new_tokens):
+            logits = self.forward_internals(tokens, need_hidden=False, need_layers=False, logits="last",
+                                            caches=caches)[0]
             tokens = sample_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
             idx = torch.cat([idx, tokens], dim=1)
         return idx

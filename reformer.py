@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sea import query_heads
+
 SELF_LOGIT = -5e4  # a token's own key: attended only when no other key is visible
 
 
@@ -75,8 +77,10 @@ class LSHAttention(nn.Module):
         return torch.randn(shape, generator=generator).to(device)
 
     def forward(self, q, k, v, need_weights=False):
-        """q (already scaled), k (unused: the keys are q), v (B, H, T, D) -> (B, H, T, D), {}."""
+        """q (already scaled), k (unused: the keys are q), v (B, H, T, D) -> (B, H, T, D), {}.
+        v may have fewer heads (grouped-query attention): each is repeated for its query heads."""
         B, H, T, D = q.shape
+        v = query_heads(v, H)
         precision = torch.promote_types(v.dtype, torch.float32)  # float32, or float64 in tests
         with torch.autocast(q.device.type, enabled=False):
             out = self.attend(q.to(precision).reshape(B * H, T, D), v.to(precision).reshape(B * H, T, D))

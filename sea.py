@@ -72,6 +72,23 @@ def full_precision(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+# Grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads): the mechanisms take
+# keys and values with their own head count H_kv, query head h reading key/value head h // G,
+# G = H / H_kv. Nothing the size of the keys is ever copied per query head.
+
+def grouped_matmul(a, b):
+    """a (B, H, R, X) @ b (B, H_kv, X, Y) -> (B, H, R, Y), query head h against key/value head h // G:
+    a group's G query heads ride along the rows, (B, H_kv, G R, X), so b is read as it is, not copied."""
+    B, H, R, X = a.shape
+    return (a.reshape(B, b.size(1), -1, X) @ b).view(B, H, R, -1)
+
+
+def query_heads(x, n_head):
+    """x (B, H_kv, R, Y) -> (B, n_head, R, Y), each key/value head repeated for its group of query
+    heads: a copy, so only for a few rows (a chunk's new keys and values), never a whole cache."""
+    return x if x.size(1) == n_head else x.repeat_interleave(n_head // x.size(1), dim=1)
+
+
 # -----------------------------------------------------------------------------
 # step 1: causal FAVOR+ linear attention with the ReLU kernel
 
@@ -103,6 +120,7 @@ def causal_linear_attention(phi_q, phi_k, v, sums=None, block=128):
     which start from `sums` when the rows continue earlier ones (decoding).
     """
     B, H, T, m = phi_q.shape
+    block = min(block, T)  # a decoding step's one row is a block of its own, not padded to 128
     n = -(-T // block)
     # rows past T, to fill the last block: zero keys and values add nothing to any sum; queries of ones
     # keep those rows' denominators above 0, so even their gradient (zero, they are dropped) stays finite
@@ -135,7 +153,9 @@ class PerformerAttention(nn.Module):
         """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), k and v of every position
         so far, the prefix sums of the rows before (None at the start) -> (out, sums)."""
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = full_precision(q), full_precision(k[:, :, start:]), full_precision(v[:, :, start:])
+            H = q.size(1)
+            q, k, v = full_precision(q), query_heads(full_precision(k[:, :, start:]), H), query_heads(
+                full_precision(v[:, :, start:]), H)
             outs = []
             for first in range(0, q.size(2), self.ROWS_PER_CALL):
                 rows = slice(first, first + self.ROWS_PER_CALL)
@@ -312,7 +332,7 @@ def row_table(x):
 
 def sparse_attention(q, k, v, kept):
     """Step 7: softmax attention of the chunk's query rows q (B, H, R, D) over their kept keys only
-    (KeptKeys), k, v (B, H, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
+    (KeptKeys), k, v (B, H_kv, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
     row gets zeros there (the running-mean gate carries it).
 
     Each cell's keys are read as one block of W consecutive keys (W: the widest cell; a block
@@ -324,13 +344,13 @@ def sparse_attention(q, k, v, kept):
     merges key blocks: out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, M the row's largest m_c.
     """
     B, H, R, D = q.shape
-    T = k.size(2)
+    T, G = k.size(2), H // k.size(1)  # k, v (B, H_kv, T, D): head h reads key/value head h // G
     (queries, q_row), (keys, k_row), (values, v_row) = (row_table(full_precision(x)) for x in (q, k, v))
     b, h, r, start, length = kept.cells
     W = int(length.max())
     first = start.clamp(max=T - W)  # (cells,) each block's first key
     key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
-    query_row, block_row, value_row = q_row(b, h, r), k_row(b, h, first), v_row(b, h, first)  # (cells,) each
+    query_row, block_row, value_row = q_row(b, h, r), k_row(b, h // G, first), v_row(b, h // G, first)  # (cells,)
     lo, hi = start - first, start - first + length  # (cells,) the cell's keys within its block
     slot = torch.arange(W, device=q.device)
     maxima, sums, outs = [], [], []
@@ -356,16 +376,24 @@ def sparse_attention(q, k, v, kept):
     return (out / total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]).view(B, H, R, D)
 
 
-def masked_attention(q, k, v, mask):
-    """Step 7 as a dense softmax under a kept-key mask (B, H, R, T), for the query rows q
-    (B, H, R, D): sparse_attention's numbers, but with (B, H, R, T) scores. Training uses it
-    (the distillation loss builds T x T maps anyway, and one large matmul trains faster than
-    many small gathered blocks), and so does the window control."""
+def masked_attention(q, k, v, mask, rows_per_piece=256):
+    """Step 7 as a dense softmax under a causal kept-key mask (B, H, R, T), for the last R query rows
+    q (B, H, R, D) of the T keys: sparse_attention's numbers, but with dense scores, a piece of rows
+    at a time over the keys the piece can see (about half the work of (B, H, R, T) scores).
+    Training uses it (one large matmul trains faster than many small gathered blocks), and so do
+    the window control and short rows."""
     q, k, v = full_precision(q), full_precision(k), full_precision(v)
-    scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, torch.finfo(q.dtype).min)
-    # a finite fill keeps gradients finite; rows that kept no key come out as zeros
-    probs = scores.softmax(-1) * mask.any(-1, keepdim=True)
-    return probs @ v
+    R, T = q.size(2), k.size(2)
+    outs = []
+    for first in range(0, R, rows_per_piece):
+        last = min(first + rows_per_piece, R)
+        seen = T - R + last  # the piece's rows see the keys 0 .. seen - 1
+        kept = mask[:, :, first:last, :seen]
+        scores = grouped_matmul(q[:, :, first:last], k[:, :, :seen].transpose(-2, -1))
+        # a finite fill keeps gradients finite; rows that kept no key come out as zeros
+        probs = scores.masked_fill(~kept, torch.finfo(q.dtype).min).softmax(-1) * kept.any(-1, keepdim=True)
+        outs.append(grouped_matmul(probs, v[:, :, :seen]))
+    return torch.cat(outs, dim=2)
 
 
 # -----------------------------------------------------------------------------
@@ -374,15 +402,15 @@ def masked_attention(q, k, v, mask):
 class GrowingRows:
     """(B, H, n, D) rows appended along dim 2 to a buffer that doubles when full, so n rows cost
     O(n) however many appends bring them: a decoding cache's keys and values (model.LayerCache),
-    the keys' prefix sums of the pooled-key option (KeyPrefixSums)."""
+    the keys' prefix sums of the heuristic estimate (KeyPrefixSums)."""
 
-    def __init__(self):
-        self.buffer, self.length = None, 0
+    def __init__(self, capacity=0):  # capacity: the rows expected in all, allocated at once when known
+        self.buffer, self.length, self.capacity = None, 0, capacity
 
     def append(self, rows):  # (B, H, r, D) -> every row so far
         end = self.length + rows.size(2)
         if self.buffer is None or end > self.buffer.size(2):
-            bigger = rows.new_empty(*rows.shape[:2], 2 * end, rows.size(3))
+            bigger = rows.new_empty(*rows.shape[:2], self.capacity if end <= self.capacity else 2 * end, rows.size(3))
             if self.buffer is not None:
                 bigger[:, :, :self.length] = self.buffer[:, :, :self.length]
             self.buffer = bigger
@@ -395,19 +423,19 @@ class GrowingRows:
 
 
 class KeyPrefixSums:
-    """prefix[j] = k_0 + ... + k_{j-1}, (B, H, T + 1, D), for pooled_key_scores. Each chunk of rows
+    """prefix[j] = k_0 + ... + k_{j-1}, (B, H_kv, T + 1, D), for pooled_key_scores. Each chunk of rows
     and each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs
     O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
 
-    def __init__(self, k):  # the first rows' keys (B, H, R, D); gradients flow through these sums
+    def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
         self.prefix = GrowingRows()
-        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H, R + 1, D)
+        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, D)
 
-    def extend(self, k):  # the next rows' keys (B, H, R, D), at inference
+    def extend(self, k):  # the next rows' keys (B, H_kv, R, D), at inference
         self.prefix.append(self.sums()[:, :, -1:] + full_precision(k).cumsum(2))
         return self
 
-    def sums(self):  # (B, H, T + 1, D)
+    def sums(self):  # (B, H_kv, T + 1, D)
         return self.prefix.rows()
 
 
@@ -418,7 +446,7 @@ class DecodingState(NamedTuple):
     prefix sums."""
     sums: tuple  # (S (B, H, m, 2D), z (B, H, m))
     e_tail: torch.Tensor  # (B, H, <= HALO, 2D)
-    v_sum: torch.Tensor  # (B, H, 1, D)
+    v_sum: torch.Tensor  # (B, H_kv, 1, D)
     key_prefix: Optional[KeyPrefixSums]
 
 
@@ -454,7 +482,7 @@ class GatedSparseAttention(nn.Module):
         return self
 
     def forward(self, q, k, v, need_weights=False):
-        """q (already scaled), k, v (B, H, T, D) -> out (B, H, T, D), aux.
+        """q (already scaled), k, v (B, H_kv, T, D) -> out (B, H, T, D), aux.
 
         aux: kept_per_head (B, H, T), the keys each head kept in each row; with need_weights
         also kept_mask (B, H, T, T), and what the subclass adds for losses and pictures.
@@ -500,13 +528,13 @@ class GatedSparseAttention(nn.Module):
         return q.is_cuda if self.cfg.use_kernel is None else self.cfg.use_kernel
 
     def attend_chunk(self, q, k, v, row0, state, materialize=False):
-        """The eight steps for the query rows row0 .. row0 + R - 1: q (B, H, R, D); k, v (B, H, T, D)
+        """The eight steps for the query rows row0 .. row0 + R - 1: q (B, H, R, D); k, v (B, H_kv, T, D)
         of every position up to the last row (T = row0 + R); state: the DecodingState after the
         rows before (None when row0 = 0). Returns (out (B, H, R, D), aux, the state after these
         rows). materialize: step 7 as a masked dense softmax, the (B, H, R, T) mask in aux."""
         T = k.size(2)
         rows = torch.arange(row0, T, device=q.device)
-        new_k, new_v = k[:, :, row0:], full_precision(v[:, :, row0:])
+        new_k, new_v = k[:, :, row0:], full_precision(v[:, :, row0:])  # (B, H_kv, R, D)
         # steps 1-2: the linear estimate over [positions, values], encoded: e (B, H, R, 2D)
         e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
         e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
@@ -528,17 +556,17 @@ class GatedSparseAttention(nn.Module):
             context = sparse_attention(q, k, v, kept)
         # steps 7-8: the gate g0 on that context, the mix g1 with the running mean of the values
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
-        v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i
-        out = g1 * g0 * context + (1 - g1) * v_sum / (rows + 1)[:, None]
+        v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i, (B, H_kv, R, D)
+        out = g1 * g0 * context + (1 - g1) * query_heads(v_sum, q.size(1)) / (rows + 1)[:, None]
         aux["kept_per_head"] = kept.per_head()
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
         return out.to(v.dtype), aux, state
 
     def encode(self, q, new_k, new_v, row0, sums=None):
-        """Steps 1-2 for the rows row0 .. row0 + R - 1 (q, k, v (B, H, R, D)): e (B, H, R, 2D)
+        """Steps 1-2 for the rows row0 .. row0 + R - 1 (q (B, H, R, D); k, v (B, H_kv, R, D)): e (B, H, R, 2D)
         from the linear estimate over [positions, values], and its prefix sums after them."""
-        B, H, R, D = new_v.shape
-        q, k, v = full_precision(q), full_precision(new_k), full_precision(new_v)
+        B, H, R, D = q.shape
+        q, k, v = full_precision(q), query_heads(full_precision(new_k), H), query_heads(full_precision(new_v), H)
         positions = self.positions[row0:row0 + R].expand(B, H, R, D).to(v.dtype)
         c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums)
         return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
@@ -599,8 +627,10 @@ class SEAAttention(GatedSparseAttention):
         (B, H, R, T_M) from e (these rows' and up to HALO rows above); the residual estimator adds
         it to the heuristic estimate of the keys k (heuristic_bin_scores, from the KeyPrefixSums)."""
         s_hat = self.decoder(e)[:, :, -q.size(2):]
-        if self.residual:
-            s_hat = s_hat + heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+        if self.residual:  # the heuristic is the keys' own: no gradient reaches q and k through it
+            with torch.no_grad():
+                heuristic = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+            s_hat = s_hat + heuristic
         return s_hat
 
     def chunk_rows(self, q):
@@ -619,7 +649,7 @@ class SEAAttention(GatedSparseAttention):
 def exact_attention(q, k, rows):
     """softmax(q k^T) of the query rows q (B, H, R, D) at positions `rows` over keys j <= i, in float32:
     (B, H, R, T). The dense teacher's maps (model.py) and the analysis kinds' choice of keys."""
-    scores = (q @ k.transpose(-2, -1)).float()
+    scores = grouped_matmul(q, k.transpose(-2, -1)).float()
     return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
 
 
@@ -631,16 +661,19 @@ def pooled_key_scores(q, prefix, rows, t_m):
     q = full_precision(q)
     B, H, R, D = q.shape
     edges = bin_edges(rows, t_m)  # (R, T_M + 1)
-    if prefix.size(2) <= edges.size(1) * D:  # q_i . prefix[j] for all j, (B, H, R, T + 1), is the smaller
-        at_edges = (q @ prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
-    else:  # long rows: the prefix rows at the edges, (B, H, R, T_M + 1, D), dotted with q_i
-        at_edges = torch.einsum("bhrd,bhred->bhre", q, prefix[:, :, edges])
+    # q_i . prefix[j] for all j, (B, H, R, T + 1) and a read of the whole prefix, when that moves fewer
+    # floats than gathering each row's edges, (B, H, R, T_M + 1, D): long chunks of short rows, not decoding
+    if prefix.size(2) <= edges.size(1) * min(D, R):
+        at_edges = grouped_matmul(q, prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
+    else:  # long rows: the prefix rows at the edges, (B, H_kv, R, T_M + 1, D), dotted with q_i
+        groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
+        at_edges = torch.einsum("bkgrd,bkred->bkgre", groups, prefix[:, :, edges]).reshape(B, H, R, -1)
     return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
 
 
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
-    positions `rows` from the keys k (B, H, T, D) themselves. s_hat gives every key of bin c the
+    positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
     The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
     nest in them), every sub-bin's keys taken at their mean logit q_i . mean(k_j)
@@ -656,9 +689,10 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     q, k = full_precision(q), full_precision(k)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
     slot = torch.arange(W, device=q.device)
-    first = q @ k[:, :, :W].transpose(-2, -1)  # (B, H, R, W): the first bin's keys are 0, 1, ...
-    last_keys = k[:, :, (rows[:, None] - W + 1 + slot).clamp_min(0)]  # (B, H, R, W, D): keys i - W + 1 .. i
-    last = (last_keys @ q[..., None]).squeeze(-1)  # (B, H, R, W)
+    first = grouped_matmul(q, k[:, :, :W].transpose(-2, -1))  # (B, H, R, W): the first bin's keys are 0, 1, ...
+    last_keys = k[:, :, (rows[:, None] - W + 1 + slot).clamp_min(0)]  # (B, H_kv, R, W, D): keys i - W + 1 .. i
+    groups = q.reshape(B, k.size(1), -1, R, q.size(-1))  # (B, H_kv, G, R, D)
+    last = torch.einsum("bkgrd,bkrwd->bkgrw", groups, last_keys).reshape(B, H, R, W)
     scores = torch.cat([log_mean_exp(first, slot < widths[:, :1]), middle[..., 1:-1],
                         log_mean_exp(last, slot >= W - widths[:, -1:])], dim=-1)
     return scores.masked_fill(widths == 0, 0.0)
@@ -736,7 +770,7 @@ def bin_targets(probs, rows, t_m):
 
 
 def attention_bin_targets(q, k, t_m, rows_per_piece=256):
-    """BinTargets of the exact causal attention of q, k (B, H, T, D), a piece of rows at a time, each
+    """BinTargets of the exact causal attention of q (B, H, T, D), k (B, H_kv, T, D), a piece of rows at a time, each
     over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory."""
     T = q.size(2)
     pieces = []

@@ -33,8 +33,8 @@ from eval import (ArgumentParser, autocast_context, available_device, exit_on_ba
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
 from controls import CONTROLS
-from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, bin_targets, causal_mask, estimate_loss,
-                 full_precision)
+from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, causal_mask, estimate_loss, exact_attention,
+                 full_precision, grouped_matmul)
 
 # -----------------------------------------------------------------------------
 # distributed
@@ -123,34 +123,47 @@ def make_optimizer(model, args, only=lambda name: True):
 # -----------------------------------------------------------------------------
 # the training objective: next-token loss, or distillation from a frozen teacher
 
-def dense_map_loss(q, k, target):
-    """The student's own dense attention softmax(q k^T) against the teacher's (B, H, T, T):
-    0.1 KL(target || student) per row + MSE, with the student's log-probabilities a log_softmax."""
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)).float()
-    causal = causal_mask(torch.arange(T, device=q.device), T)
-    log_p = scores.masked_fill(~causal, torch.finfo(scores.dtype).min).log_softmax(-1)
-    kl = (torch.xlogy(target, target) - target * log_p).sum(-1).mean()
-    return 0.1 * kl + F.mse_loss(log_p.exp(), target)
+def dense_map_terms(q, k, target, rows):
+    """Summed over the query rows q (B, H, R, D) at positions `rows`: KL(target || softmax(q k^T)) and the
+    squared error between the two maps, target the teacher's causal attention (B, H, R, T), k (B, H_kv, T, D).
+    The student's log-probabilities are a log_softmax under a finite causal fill (finite gradients)."""
+    scores = grouped_matmul(q, k.transpose(-2, -1)).float()
+    log_p = scores.masked_fill(~causal_mask(rows, k.size(2)), torch.finfo(scores.dtype).min).log_softmax(-1)
+    kl = (torch.xlogy(target, target) - target * log_p).sum()
+    return kl, (log_p.exp() - target).square().sum()
 
 
 class DenseMapLoss(torch.autograd.Function):
-    """dense_map_loss with its gradient taken during the forward pass: only the gradients with
-    respect to q and k (B, H, T, D) are kept for the backward pass, no (B, H, T, T) map, so each
-    layer's T x T tensors (and the teacher's map) are freed as soon as its loss is known."""
+    """The dense attention term of SEA's loss: the student's own dense attention softmax(q k^T), q, k
+    (B, H, T, D), against the teacher's softmax(teacher_q teacher_k^T): 0.1 KL per row + MSE over the
+    T x T entries. Built a piece of rows at a time over the keys the piece can see (about half the work
+    of whole maps), the teacher's map too, and with the gradient taken during the forward pass: only
+    the gradients with respect to q and k are kept, so no T x T map outlives its piece."""
 
     @staticmethod
-    def forward(ctx, q, k, target):
-        with torch.enable_grad():
-            q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-            loss = dense_map_loss(q, k, target)
-            ctx.save_for_backward(*torch.autograd.grad(loss, (q, k)))
-        return loss.detach()
+    def forward(ctx, q, k, teacher_q, teacher_k, rows_per_piece=256):
+        B, H, T, _ = q.shape
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        total = 0.0
+        for first in range(0, T, rows_per_piece):
+            last = min(first + rows_per_piece, T)  # the rows first .. last - 1 see the keys 0 .. last - 1
+            rows = torch.arange(first, last, device=q.device)
+            target = exact_attention(teacher_q[:, :, first:last], teacher_k[:, :, :last], rows)
+            with torch.enable_grad():
+                q_rows, k_seen = (t.detach().requires_grad_() for t in (q[:, :, first:last], k[:, :, :last]))
+                kl, squares = dense_map_terms(q_rows, k_seen, target, rows)
+                loss = 0.1 * kl / (B * H * T) + squares / (B * H * T * T)
+                piece_q, piece_k = torch.autograd.grad(loss, (q_rows, k_seen))
+            grad_q[:, :, first:last] += piece_q
+            grad_k[:, :, :last] += piece_k
+            total += loss.detach()
+        ctx.save_for_backward(grad_q, grad_k)
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_q, grad_k = ctx.saved_tensors
-        return grad_loss * grad_q, grad_loss * grad_k, None
+        return grad_loss * grad_q, grad_loss * grad_k, None, None, None
 
 
 class Objective(nn.Module):
@@ -167,7 +180,7 @@ class Objective(nn.Module):
             loss = self.student(x, y)[1]
             return loss, {"lm": loss}
         with torch.no_grad():
-            t_logits, t_hidden, t_layers = self.teacher.forward_internals(x, need_layers=self.attention_terms)
+            (t_logits, t_hidden, _), t_layers = run_with_attention_hooks(self.teacher, x, self.attention_terms)
         s_logits, s_hidden, s_layers = self.student.forward_internals(x, need_layers=self.attention_terms)
         lm, kl = vocabulary_terms(s_logits, t_logits, y)
         terms = {
@@ -184,12 +197,13 @@ class Objective(nn.Module):
 
     @staticmethod
     def layer_terms(student, teacher):
-        A = teacher["probs"]
+        """One layer's attention terms: student's internals (q, k, context, and SEA's scores) against the
+        teacher's (q, k, context), whose map is rebuilt from its q and k a piece of rows at a time."""
         terms = {}
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
-            rows = torch.arange(A.size(2), device=A.device)
-            terms["estimate"] = estimate_loss(student["scores"], bin_targets(A, rows, student["scores"].size(-1)))
-        terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], A)
+            target = attention_bin_targets(teacher["q"], teacher["k"], student["scores"].size(-1))
+            terms["estimate"] = estimate_loss(student["scores"], target)
+        terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], teacher["q"], teacher["k"])
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
 
@@ -294,29 +308,31 @@ def estimator_step(mechanisms, teacher, x):
     the teacher runs one plain forward pass (no T x T maps kept), then each layer in turn builds its
     teacher map, reduces it to the mass per bin (bin_targets), drops it and runs its own backward
     pass, so only one layer's map and graph are alive at a time. Returns the loss (a float)."""
-    inputs = teacher_attention_inputs(teacher, x)
+    with torch.no_grad():
+        _, inputs = run_with_attention_hooks(teacher, x, need_hidden=False, logits=None)
     total = 0.0
-    for mechanism, (q, k, v) in zip(mechanisms, inputs):
+    for mechanism, layer in zip(mechanisms, inputs):
         with torch.no_grad():
-            target = attention_bin_targets(q, k, mechanism.cfg.t_m)
-        loss = estimate_loss(mechanism.estimate(q, k, v), target) / len(inputs)
+            target = attention_bin_targets(layer["q"], layer["k"], mechanism.cfg.t_m)
+        loss = estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), target) / len(inputs)
         loss.backward()
         total += loss.item()
     return total
 
 
-def teacher_attention_inputs(teacher, x):
-    """Every layer's attention inputs (q, k, v), each (B, H, T, D), of the frozen teacher on x."""
+def run_with_attention_hooks(model, x, need_layers=True, **flags):
+    """model.forward_internals(x, need_layers=False, **flags) and, when need_layers, each layer's
+    attention inputs and output, caught by hooks on the mechanisms: a list of dicts (q, k, v, context),
+    each (B, H, T, D). The mechanisms run as at inference (SDPA for a dense model): no T x T map."""
     captured = []
-    keep = lambda mechanism, inputs, output: captured.append(inputs[:3])
-    hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in teacher.layers]
+    keep = lambda mechanism, inputs, output: captured.append(dict(zip("qkv", inputs[:3]), context=output[0]))
+    hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in model.layers] if need_layers else []
     try:
-        with torch.no_grad():
-            teacher.forward_internals(x, need_hidden=False, need_layers=False, need_logits=False)
+        outputs = model.forward_internals(x, need_layers=False, **flags)
     finally:
         for hook in hooks:
             hook.remove()
-    return captured
+    return outputs, captured
 
 
 def report_recall(student, teacher, val_tokens, args, when):
@@ -403,6 +419,8 @@ def train(args):
         ddp_objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     generator = torch.Generator().manual_seed(args.seed + rank)
+    for _ in range(start_iter * args.grad_accum):  # a resumed run goes on with the windows it would have drawn
+        get_batch(train_tokens, args.batch_size, args.block_size, generator, "cpu")
     tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world
     if master:
         print(f"{args.method}: {model.num_params() / 1e6:.1f}M parameters, attn={model.config.attn}, "

@@ -30,11 +30,25 @@ def test_decode_benchmark_runs_at_a_tiny_size(capsys):
 def test_model_benchmark_runs_on_smollm2s_shape(capsys, tmp_path):
     records = bench.main(["--bench-model", "--bench-lengths", "32", "--max-new-tokens", "2", "--device", "cpu",
                           "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")])
-    assert [r["method"] for r in records] == ["eager", "dense", "sea"]
-    assert all(r["prefill_seconds"] > 0 and r["peak_bytes"] > 0 and r["T"] == 32 for r in records)
-    assert all(r["seconds_per_token"] > 0 for r in records[1:]) and "seconds_per_token" not in records[0]
+    measured, floors = records[:3], records[3:]
+    assert [r["method"] for r in measured] == ["eager", "dense", "sea"]
+    assert all(r["prefill_seconds"] > 0 and r["peak_bytes"] > 0 and r["T"] == 32 for r in measured)
+    assert all(r["seconds_per_token"] > 0 for r in measured[1:]) and "seconds_per_token" not in measured[0]
+    assert [(r["kind"], r["method"]) for r in floors] == [("floor", "dense"), ("floor", "sea")]
+    weights = 4 * sum(p.numel() for p in bench.Decoder(bench.DecoderConfig.preset("smollm2-135m")).parameters())
+    cache = 2 * 30 * 3 * 64 * 4 * 32  # keys and values of 32 positions, 30 layers of 3 key/value heads
+    assert floors[0]["bytes_per_token"] == weights + cache and floors[1]["bytes_per_token"] > weights
     assert json.loads((tmp_path / "m.json").read_text()) == records and (tmp_path / "m.png").stat().st_size > 0
-    assert "SEA / dense:  T=32: prefill" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SEA / dense:  T=32: prefill" in out and "the floor of a generated token" in out
+
+
+def test_decoding_profile_names_the_operators(capsys):
+    records = bench.main(["--profile-decode", "--bench-lengths", "40", "--max-new-tokens", "2"])
+    assert [(r["method"], r["T"]) for r in records] == [("dense", 40), ("sea", 40)]
+    assert all(r["ms_per_token"] > 0 and r["operator_calls"] > 0 and any("aten::" in op for op in r["ms_by_operator"])
+               for r in records)
+    assert "ms a token" in capsys.readouterr().out
 
 
 def test_profile_splits_seas_time_into_its_steps(capsys):

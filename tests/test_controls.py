@@ -132,7 +132,7 @@ def old_warm_up_loss(mechanisms, teacher, x):
     """The warm-up's loss as it was computed before estimator_step: every layer's T x T map kept from one
     forward pass with the eager attention, one graph over all layers."""
     with torch.no_grad():
-        _, _, layers = teacher.forward_internals(x, need_hidden=False, need_logits=False)
+        _, _, layers = teacher.forward_internals(x, need_hidden=False, logits=None)
     rows = torch.arange(x.size(1))
     losses = [estimate_loss(m.estimate(layer["q"], layer["k"], layer["v"]), bin_targets(layer["probs"], rows, m.cfg.t_m))
               for m, layer in zip(mechanisms, layers)]

@@ -115,16 +115,26 @@ def test_vocabulary_terms_equal_cross_entropy_and_kl():
     torch.testing.assert_close(torch.autograd.grad(kl, s_logits)[0], torch.autograd.grad(expected_kl, s_logits)[0])
 
 
-def test_dense_map_loss_keeps_its_gradient_not_its_maps():
+def naive_dense_map_loss(q, k, teacher_q, teacher_k):
+    """The dense attention term on whole T x T maps: 0.1 KL(teacher || student) per row + MSE."""
+    causal = torch.ones(q.size(2), q.size(2), dtype=torch.bool).tril()
+    target = (teacher_q @ teacher_k.transpose(-2, -1)).masked_fill(~causal, float("-inf")).softmax(-1)
+    scores = (q @ k.transpose(-2, -1)).masked_fill(~causal, torch.finfo(q.dtype).min)
+    log_p = scores.log_softmax(-1)
+    kl = (torch.xlogy(target, target) - target * log_p).sum(-1).mean()
+    return 0.1 * kl + torch.nn.functional.mse_loss(log_p.exp(), target)
+
+
+@pytest.mark.parametrize("rows_per_piece", [256, 7])
+def test_dense_map_loss_in_pieces_equals_whole_maps(rows_per_piece):
     torch.manual_seed(0)
     q, k = (torch.randn(2, 3, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    logits = torch.randn(2, 3, 20, 20, dtype=torch.float64)
-    target = logits.masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    eager = train.DenseMapLoss.apply(q, k, target)
-    direct = train.dense_map_loss(q, k, target)
-    torch.testing.assert_close(eager, direct)
-    for a, b in zip(torch.autograd.grad(3 * eager, (q, k)), torch.autograd.grad(3 * direct, (q, k))):
-        torch.testing.assert_close(a, b)
+    teacher_q, teacher_k = torch.randn(2, 3, 20, 8, dtype=torch.float64), torch.randn(2, 3, 20, 8, dtype=torch.float64)
+    pieces = train.DenseMapLoss.apply(q, k, teacher_q, teacher_k, rows_per_piece)
+    whole = naive_dense_map_loss(q, k, teacher_q, teacher_k)
+    torch.testing.assert_close(pieces, whole.float())
+    for a, b in zip(torch.autograd.grad(3 * pieces, (q, k)), torch.autograd.grad(3 * whole, (q, k))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_history_and_recall_curves(wikitext, teacher_path, tmp_path):
@@ -162,3 +172,27 @@ def test_estimator_overfit_trains_on_the_measured_windows_and_stops(wikitext, te
     with pytest.raises(SystemExit):
         train.main(common + ["--estimator-overfit"])
     assert "--estimator-iters" in capsys.readouterr().err
+
+
+def test_a_resumed_distillation_equals_one_run(wikitext, teacher_path, tmp_path, monkeypatch):
+    """Stopped after a checkpoint and resumed, a run trains on the same windows with the same optimizer
+    state and learning rates as one that never stopped: the same weights."""
+    common = ["--method", "sea", "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--batch-size", "2",
+              "--block-size", "32", "--k", "4", "--t-m", "8", "--eval-iters", "1", "--eval-interval", "2",
+              "--max-iters", "4", "--dtype", "float32"]
+    train.main([*common, "--out-dir", str(tmp_path / "whole")])
+    save = train.save_checkpoint
+
+    def save_then_stop(path, model, optimizer, it, *rest):  # the sitting ends after the checkpoint at step 2
+        save(path, model, optimizer, it, *rest)
+        if it == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*common, "--out-dir", str(tmp_path / "split")])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main([*common, "--resume", "--out-dir", str(tmp_path / "split")])
+    whole, split = (torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["model"] for name in ("whole", "split"))
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], msg=name)

@@ -1,10 +1,12 @@
 """Decoding with a cache equals re-running the full forward pass, for every attention kind."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from model import ATTENTION_KINDS, Decoder, LayerCache, DecoderConfig
+from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, LayerCache, DecoderConfig, build_attention
 from reformer import ReformerConfig
-from sea import SEAAttention, SEAConfig
+from sea import GatedSparseAttention, SEAAttention, SEAConfig
 
 KINDS = ATTENTION_KINDS
 FAMILIES = {"tiny": {}, "tiny-llama": dict(n_kv_head=1)}  # OPT, and Llama with two query heads per key/value head
@@ -92,3 +94,56 @@ def test_sample_command_prints_the_continuation(tmp_path, capsys):
     assert "tokens/s" in out and "stopped at the model's block_size" in out  # 3 prompt tokens + 29 new
     with pytest.raises(SystemExit, match="prompt has 0 tokens"):
         evaluate.main(["--ckpt", str(tmp_path / "sea.pt"), "--sample", ""])
+
+
+@pytest.mark.parametrize("sparse_step_7", [False, True])
+@pytest.mark.parametrize("attn", [*KINDS, "eager", *ANALYSIS_KINDS])
+def test_grouped_query_attention_equals_the_repeated_heads_computation(attn, sparse_step_7):
+    """Every mechanism takes keys and values with their own head count (4 query heads, 2 key/value heads):
+    the numbers of the whole pass and of decoding equal those of the keys and values repeated per query head.
+    sparse_step_7: the gathered step 7 even on these short rows (else a masked dense softmax)."""
+    config = tiny_model("dense" if attn == "eager" else attn, "tiny-llama", block_size=40).config
+    mechanism = build_attention(replace(config, n_head=4, n_kv_head=2)).double().eval()
+    if attn == "eager":
+        mechanism.eager = True
+    if sparse_step_7:
+        if not isinstance(mechanism, GatedSparseAttention):
+            pytest.skip("only the gated sparse kinds have two forms of step 7")
+        mechanism.FEW_KEYS = 0
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 4, 40, 16, dtype=torch.float64), *torch.randn(2, 2, 2, 40, 16, dtype=torch.float64)
+    repeated = lambda x: x.repeat_interleave(2, dim=1)  # (B, 4, T, D): what the model computed before
+    with torch.no_grad():
+        torch.testing.assert_close(mechanism(q, k, v)[0], mechanism(q, repeated(k), repeated(v))[0])
+        state, repeated_state = None, None
+        for start, end in ((0, 9), *((i, i + 1) for i in range(9, 40))):  # a prompt, then a token at a time
+            rows, seen = slice(start, end), slice(0, end)
+            out, state = mechanism.extend(q[:, :, rows], k[:, :, seen], v[:, :, seen], start, state)
+            expected, repeated_state = mechanism.extend(q[:, :, rows], repeated(k[:, :, seen]),
+                                                        repeated(v[:, :, seen]), start, repeated_state)
+            torch.testing.assert_close(out, expected, msg=f"rows {start}..{end - 1}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_position_logits_equal_the_full_pass(family):
+    model = tiny_model("sea", family)
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = model(idx)[0]
+        last = model.forward_internals(idx, need_hidden=False, need_layers=False, logits="last")[0]
+        assert model.forward_internals(idx, need_hidden=False, need_layers=False, logits=None)[0] is None
+    assert last.shape == (2, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:])
+    with pytest.raises(ValueError, match="logits="):
+        model.forward_internals(idx, logits="first")
+
+
+def test_a_cache_of_known_capacity_is_allocated_once():
+    cache = LayerCache(capacity=10)
+    k = torch.randn(1, 2, 11, 4)
+    keys, _ = cache.append(k[:, :, :7], k[:, :, :7])
+    buffer = cache.keys.buffer
+    keys, _ = cache.append(k[:, :, 7:10], k[:, :, 7:10])
+    assert cache.keys.buffer is buffer and buffer.size(2) == 10  # filled to capacity, never copied
+    keys, _ = cache.append(k[:, :, 10:], k[:, :, 10:])  # past it: the buffer doubles
+    assert cache.keys.buffer.size(2) == 22 and torch.equal(keys, k)

@@ -80,6 +80,19 @@ def test_block_kernel_single_keys_empty_heads_and_offset_rows():
                                                        block_m=16, block_n=16), v[:1, :1, :1].float())
 
 
+def test_block_kernel_reads_shared_key_value_heads_in_place():
+    """Grouped-query attention: 4 query heads on 2 key/value heads, the keys and values a slice of a
+    longer buffer (as a decoding cache is), read where they lie; equal to the heads repeated."""
+    q, _, _, keep = random_inputs(1, 4, 75, 32, 16, 3, torch.float32, seed=2)
+    buffer = torch.randn(2, 1, 2, 100, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    k, v = buffer[:, :, :, :75]  # (1, 2, 75, 32) each, not contiguous
+    got = sparse_attention_blocks(q, k, v, keep, row0=0, block_m=16, block_n=16)
+    repeated = lambda x: x.repeat_interleave(2, dim=1)
+    expected = sparse_attention_blocks(q, repeated(k), repeated(v), keep, row0=0, block_m=16, block_n=16)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, pytorch_path(q, k, v, keep, row0=0), rtol=1e-4, atol=1e-4)
+
+
 def test_sea_attention_with_kernels_equals_the_pytorch_path():
     torch.manual_seed(0)
     attention = SEAAttention(2, 32, 96, SEAConfig(k=2, t_m=8, query_chunk=16)).to(DEVICE).eval()
