@@ -348,8 +348,9 @@ def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=Non
     bandwidth = read_bandwidth()
     print(f"the floor of a generated token, every byte it must read once at {bandwidth / 1e9:.1f} GB/s "
           f"(this machine's read bandwidth):")
+    weights = 4 * Decoder(config).num_params()  # float32 bytes
     for length in lengths:
-        floor = decoding_floor(config, length, SEAConfig(), bandwidth)
+        floor = decoding_floor(config, weights, length, SEAConfig(), bandwidth)
         print(f"{length:>7} " + "  ".join(f"{method} {n / 2**20:,.0f} MB, {s * 1e3:.0f} ms"
                                           for method, (n, s) in floor.items()))
         records += [dict(kind="floor", method=method, T=length, bytes_per_token=n, seconds_per_token=s,
@@ -385,11 +386,10 @@ def read_bandwidth(megabytes=512, repeats=5):
     return buffer.numel() * 4 / best
 
 
-def decoding_floor(config, context, sea, bandwidth):
+def decoding_floor(config, weights, context, sea, bandwidth):
     """The least a generated token can cost: the bytes it must read, at `bandwidth`. Every weight once
-    (float32); dense attention every cached key and value; SEA about k keys and values per query head
-    of each layer (its estimate's state is small). Returns {method: (bytes, seconds)}."""
-    weights = 4 * Decoder(config).num_params()
+    (`weights` bytes); dense attention every cached key and value; SEA about k keys and values per query
+    head of each layer (its estimate's state is small). Returns {method: (bytes, seconds)}."""
     per_position = 2 * config.n_layer * config.kv_heads * config.head_dim * 4  # one position's keys and values
     kept = 2 * config.n_layer * config.n_head * min(sea.k, context) * config.head_dim * 4
     read = {"dense": weights + context * per_position, "sea": weights + kept}
@@ -418,9 +418,10 @@ def profile_decoding(lengths, new_tokens=8, n_layer=2, top=8):
                     for _ in range(new_tokens):
                         token = step(token)
                     per_token = (time.perf_counter() - started) / new_tokens
-            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+            averages = prof.key_averages()
+            ops = sorted(averages, key=lambda e: -e.self_cpu_time_total)[:top]
             spent = {e.key: e.self_cpu_time_total / 1e3 / new_tokens for e in ops}  # ms per token
-            calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / new_tokens
+            calls = sum(e.count for e in averages if e.key.startswith("aten::")) / new_tokens
             print(f"{method} after {length} tokens, {n_layer} layers: {per_token * 1e3:.1f} ms a token "
                   f"(under the profiler), {calls:.0f} operator calls; the most expensive, ms a token:")
             for name, ms in spent.items():

@@ -153,9 +153,8 @@ class PerformerAttention(nn.Module):
         """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), k and v of every position
         so far, the prefix sums of the rows before (None at the start) -> (out, sums)."""
         with torch.autocast(q.device.type, enabled=False):
-            H = q.size(1)
-            q, k, v = full_precision(q), query_heads(full_precision(k[:, :, start:]), H), query_heads(
-                full_precision(v[:, :, start:]), H)
+            q = full_precision(q)
+            k, v = (query_heads(full_precision(x[:, :, start:]), q.size(1)) for x in (k, v))  # the new rows
             outs = []
             for first in range(0, q.size(2), self.ROWS_PER_CALL):
                 rows = slice(first, first + self.ROWS_PER_CALL)
@@ -769,16 +768,22 @@ def bin_targets(probs, rows, t_m):
     return BinTargets(bin_mass(probs, rows, t_m), torch.xlogy(probs, probs).sum(-1), (probs * probs).sum(-1))
 
 
-def attention_bin_targets(q, k, t_m, rows_per_piece=256):
-    """BinTargets of the exact causal attention of q (B, H, T, D), k (B, H_kv, T, D), a piece of rows at a time, each
-    over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory."""
+def causal_attention_pieces(q, k, rows_per_piece=256):
+    """The exact causal attention of q (B, H, T, D) over k (B, H_kv, T, D), a piece of rows at a time, each
+    over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory.
+    Yields (rows (R,), probs (B, H, R, rows[-1] + 1)), the rows in order."""
     T = q.size(2)
-    pieces = []
     for first in range(0, T, rows_per_piece):
-        rows = torch.arange(first, min(first + rows_per_piece, T), device=q.device)
-        probs = exact_attention(q[:, :, first:first + rows_per_piece], k[:, :, :first + len(rows)], rows)
-        pieces.append(bin_targets(probs, rows, t_m))
-    return BinTargets(*(torch.cat(parts, dim=2) for parts in zip(*pieces)))
+        last = min(first + rows_per_piece, T)  # the rows first .. last - 1 see the keys 0 .. last - 1
+        rows = torch.arange(first, last, device=q.device)
+        yield rows, exact_attention(q[:, :, first:last], k[:, :, :last], rows)
+
+
+def attention_bin_targets(pieces, t_m):
+    """BinTargets of a causal attention given as pieces (rows, probs) (causal_attention_pieces), each
+    reduced to its mass per bin as it comes."""
+    reduced = [bin_targets(probs, rows, t_m) for rows, probs in pieces]
+    return BinTargets(*(torch.cat(parts, dim=2) for parts in zip(*reduced)))
 
 
 def estimate_loss(scores, target):

@@ -33,7 +33,7 @@ from eval import (ArgumentParser, autocast_context, available_device, exit_on_ba
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
 from controls import CONTROLS
-from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, causal_mask, estimate_loss, exact_attention,
+from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, causal_attention_pieces, causal_mask, estimate_loss,
                  full_precision, grouped_matmul)
 
 # -----------------------------------------------------------------------------
@@ -134,21 +134,21 @@ def dense_map_terms(q, k, target, rows):
 
 
 class DenseMapLoss(torch.autograd.Function):
-    """The dense attention term of SEA's loss: the student's own dense attention softmax(q k^T), q, k
-    (B, H, T, D), against the teacher's softmax(teacher_q teacher_k^T): 0.1 KL per row + MSE over the
-    T x T entries. Built a piece of rows at a time over the keys the piece can see (about half the work
-    of whole maps), the teacher's map too, and with the gradient taken during the forward pass: only
-    the gradients with respect to q and k are kept, so no T x T map outlives its piece."""
+    """The dense attention term of SEA's loss: the student's own dense attention softmax(q k^T), q (B, H,
+    T, D), k (B, H_kv, T, D), against the teacher's, given as its causal pieces (rows, probs)
+    (sea.causal_attention_pieces): 0.1 KL per row + MSE over the T x T entries. Built a piece of rows at
+    a time over the keys the piece can see (about half the work of whole maps), with the gradient taken
+    during the forward pass: only the gradients with respect to q and k are kept, so no student map
+    outlives its piece."""
 
     @staticmethod
-    def forward(ctx, q, k, teacher_q, teacher_k, rows_per_piece=256):
+    def forward(ctx, q, k, teacher_pieces):
         B, H, T, _ = q.shape
         grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
         total = 0.0
-        for first in range(0, T, rows_per_piece):
-            last = min(first + rows_per_piece, T)  # the rows first .. last - 1 see the keys 0 .. last - 1
-            rows = torch.arange(first, last, device=q.device)
-            target = exact_attention(teacher_q[:, :, first:last], teacher_k[:, :, :last], rows)
+        for rows, target in teacher_pieces:
+            last = target.size(-1)  # the rows first .. last - 1 see the keys 0 .. last - 1
+            first = last - target.size(2)
             with torch.enable_grad():
                 q_rows, k_seen = (t.detach().requires_grad_() for t in (q[:, :, first:last], k[:, :, :last]))
                 kl, squares = dense_map_terms(q_rows, k_seen, target, rows)
@@ -163,7 +163,7 @@ class DenseMapLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_q, grad_k = ctx.saved_tensors
-        return grad_loss * grad_q, grad_loss * grad_k, None, None, None
+        return grad_loss * grad_q, grad_loss * grad_k, None
 
 
 class Objective(nn.Module):
@@ -198,12 +198,14 @@ class Objective(nn.Module):
     @staticmethod
     def layer_terms(student, teacher):
         """One layer's attention terms: student's internals (q, k, context, and SEA's scores) against the
-        teacher's (q, k, context), whose map is rebuilt from its q and k a piece of rows at a time."""
+        teacher's (q, k, context), whose map is rebuilt from its q and k once, in causal pieces of rows
+        (half a T x T map, one layer's at a time), for both map terms."""
         terms = {}
+        teacher_pieces = list(causal_attention_pieces(teacher["q"], teacher["k"]))
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
-            target = attention_bin_targets(teacher["q"], teacher["k"], student["scores"].size(-1))
+            target = attention_bin_targets(teacher_pieces, student["scores"].size(-1))
             terms["estimate"] = estimate_loss(student["scores"], target)
-        terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], teacher["q"], teacher["k"])
+        terms["dense"] = DenseMapLoss.apply(student["q"], student["k"], teacher_pieces)
         terms["context"] = F.mse_loss(student["context"].float(), teacher["context"].float())
         return terms
 
@@ -313,7 +315,7 @@ def estimator_step(mechanisms, teacher, x):
     total = 0.0
     for mechanism, layer in zip(mechanisms, inputs):
         with torch.no_grad():
-            target = attention_bin_targets(layer["q"], layer["k"], mechanism.cfg.t_m)
+            target = attention_bin_targets(causal_attention_pieces(layer["q"], layer["k"]), mechanism.cfg.t_m)
         loss = estimate_loss(mechanism.estimate(layer["q"], layer["k"], layer["v"]), target) / len(inputs)
         loss.backward()
         total += loss.item()
@@ -323,7 +325,8 @@ def estimator_step(mechanisms, teacher, x):
 def run_with_attention_hooks(model, x, need_layers=True, **flags):
     """model.forward_internals(x, need_layers=False, **flags) and, when need_layers, each layer's
     attention inputs and output, caught by hooks on the mechanisms: a list of dicts (q, k, v, context),
-    each (B, H, T, D). The mechanisms run as at inference (SDPA for a dense model): no T x T map."""
+    q and context (B, H, T, D), k and v (B, H_kv, T, D). The mechanisms run as at inference (SDPA for
+    a dense model): no T x T map."""
     captured = []
     keep = lambda mechanism, inputs, output: captured.append(dict(zip("qkv", inputs[:3]), context=output[0]))
     hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in model.layers] if need_layers else []

@@ -5,7 +5,7 @@ import data
 import eval as evaluate
 import train
 from model import Decoder, DecoderConfig
-from sea import SEAConfig
+from sea import SEAConfig, causal_attention_pieces
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_dense_map_loss_in_pieces_equals_whole_maps(rows_per_piece):
     torch.manual_seed(0)
     q, k = (torch.randn(2, 3, 20, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     teacher_q, teacher_k = torch.randn(2, 3, 20, 8, dtype=torch.float64), torch.randn(2, 3, 20, 8, dtype=torch.float64)
-    pieces = train.DenseMapLoss.apply(q, k, teacher_q, teacher_k, rows_per_piece)
+    pieces = train.DenseMapLoss.apply(q, k, list(causal_attention_pieces(teacher_q, teacher_k, rows_per_piece)))
     whole = naive_dense_map_loss(q, k, teacher_q, teacher_k)
     torch.testing.assert_close(pieces, whole.float())
     for a, b in zip(torch.autograd.grad(3 * pieces, (q, k)), torch.autograd.grad(3 * whole, (q, k))):
