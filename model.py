@@ -206,11 +206,15 @@ def rotary_angles(positions, head_dim, base):
     return angles.cos().float(), angles.sin().float()
 
 
-def rotate(x, rotary):
-    """x (B, H, T, D) turned by the (cos, sin) of its positions, pair (i, i + D/2) by pair."""
-    cos, sin = rotary
-    first, second = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
+def rotate(x, rotary, scale=1.0):
+    """x (B, H, T, D) turned by the (cos, sin) of its positions, pair (i, i + D/2) by pair, times `scale`:
+    x cos + [-x2, x1] sin, with one new tensor of x's size (a 32k prompt's queries are 75 MB a layer)."""
+    cos, sin = (scale * t.to(x.dtype) for t in rotary)  # (T, D)
+    half = x.size(-1) // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[:, :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[:, half:])
+    return out
 
 
 class Attention(nn.Module):
@@ -234,9 +238,10 @@ class Attention(nn.Module):
         B, T, C = x.shape
         split_heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        if rotary is not None:
-            q, k = rotate(q, rotary), rotate(k, rotary)
-        q = q * self.head_dim ** -0.5  # OPT scales inside q_proj: the same numbers
+        if rotary is not None:  # q scaled by D^-1/2 as it turns (OPT scales inside q_proj: the same numbers)
+            q, k = rotate(q, rotary, self.head_dim ** -0.5), rotate(k, rotary)
+        else:
+            q = q * self.head_dim ** -0.5
         start = 0
         if cache is not None:
             start = cache.length
@@ -269,7 +274,16 @@ class Block(nn.Module):
         self.final_layer_norm = make_norm(config, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
+    MLP_ROWS = 4096  # positions per piece of the MLP without a graph: bounds its (positions x ffn_dim) activations
+
     def mlp(self, h):
+        """h (B, T, C) -> (B, T, C). Each position is its own, so without a graph (inference) it runs in pieces
+        of MLP_ROWS positions: the same numbers, with a piece's activations (SmolLM2, 32k positions: 0.6 GB)."""
+        if torch.is_grad_enabled() or h.size(1) <= self.MLP_ROWS:
+            return self.feed_forward(h)
+        return torch.cat([self.feed_forward(piece) for piece in h.split(self.MLP_ROWS, dim=1)], dim=1)
+
+    def feed_forward(self, h):
         if self.fc_gate is not None:  # SwiGLU
             return self.fc2(F.silu(self.fc_gate(h)) * self.fc1(h))
         return self.fc2(F.relu(self.fc1(h)))

@@ -349,23 +349,22 @@ def sparse_attention(q, k, v, kept):
     W = int(length.max())
     first = start.clamp(max=T - W)  # (cells,) each block's first key
     key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
-    query_row, block_row, value_row = q_row(b, h, r), k_row(b, h // G, first), v_row(b, h // G, first)  # (cells,)
-    lo, hi = start - first, start - first + length  # (cells,) the cell's keys within its block
-    slot = torch.arange(W, device=q.device)
+    query_row, block_row = q_row(b, h, r), k_row(b, h // G, first)  # (cells,)
+    slot = torch.arange(W, device=q.device) + first[:, None]  # (cells, W) the keys of each block
+    off_cell = (slot < start[:, None]) | (slot >= (start + length)[:, None])  # the block's keys outside its cell
+    value_rows = v_row(b[:, None], h[:, None] // G, slot)  # (cells, W)
     maxima, sums, outs = [], [], []
     per_piece = max(1, GATHERED_FLOATS // (W * D))
     for piece in range(0, len(b), per_piece):
         cell = slice(piece, piece + per_piece)
         query = queries.index_select(0, query_row[cell])[:, None, :]  # (n, 1, D)
         block = key_runs.index_select(0, block_row[cell]).view(-1, W, D)  # (n, W, D)
-        in_cell = (slot >= lo[cell, None]) & (slot < hi[cell, None])  # (n, W)
-        scores = (query @ block.transpose(1, 2)).squeeze(1).masked_fill(~in_cell, float("-inf"))
+        scores = torch.bmm(query, block.transpose(1, 2)).view(-1, W).masked_fill(off_cell[cell], float("-inf"))
         m = scores.detach().amax(-1)  # every cell holds a key: finite
         weights = torch.exp(scores - m[:, None])  # 0 off the cell
         maxima.append(m)
         sums.append(weights.sum(-1))
-        value_rows = value_row[cell, None] + slot  # (n, W)
-        outs.append(F.embedding_bag(value_rows, values, per_sample_weights=weights, mode="sum"))  # (n, D)
+        outs.append(F.embedding_bag(value_rows[cell], values, per_sample_weights=weights, mode="sum"))  # (n, D)
     m, l, o = torch.cat(maxima), torch.cat(sums), torch.cat(outs)
     row = (b * H + h) * R + r  # (cells,) which (batch, head, row) each cell belongs to
     row_max = m.new_full((B * H * R,), float("-inf")).scatter_reduce(0, row, m, "amax")
@@ -507,15 +506,16 @@ class GatedSparseAttention(nn.Module):
 
     def attend_in_chunks(self, q, k, v, row0, state):
         """attend_chunk over the rows row0 .. row0 + R - 1, chunk_rows at a time, passing the state along."""
-        outs, kept = [], []
         R, step = q.size(2), self.chunk_rows(q)
+        out = v.new_empty(q.shape)  # each chunk's rows written in place: no list of chunks to concatenate
+        kept = torch.empty(q.shape[:3], dtype=torch.long, device=q.device)
         for first in range(0, R, step):
             end = row0 + min(first + step, R)  # keys and values up to the chunk's last row
-            out, aux, state = self.attend_chunk(q[:, :, first:first + step], k[:, :, :end], v[:, :, :end],
-                                                row0 + first, state)
-            outs.append(out)
-            kept.append(aux["kept_per_head"])
-        return torch.cat(outs, dim=2), {"kept_per_head": torch.cat(kept, dim=2)}, state
+            rows = slice(first, first + step)
+            out[:, :, rows], aux, state = self.attend_chunk(q[:, :, rows], k[:, :, :end], v[:, :, :end],
+                                                            row0 + first, state)
+            kept[:, :, rows] = aux["kept_per_head"]
+        return out, {"kept_per_head": kept}, state
 
     def chunk_rows(self, q):
         """Query rows per chunk at inference: SEAConfig.query_chunk bounds the memory."""
