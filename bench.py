@@ -26,10 +26,11 @@ from dataclasses import replace
 
 import torch
 
-from eval import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, length_list, positive_int,
-                  write_records)
+from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, length_list, positive_int,
+                 write_records)
 from model import Decoder, DecoderConfig, DenseAttention, LayerCache
-from sea import PerformerAttention, SEAAttention, SEAConfig, causal_mask
+from performer import PerformerAttention
+from sea import SEAAttention, SEAConfig, causal_mask
 
 BENCH_METHODS = ("eager", "sdpa", "performer", "sea-torch", "sea-triton")
 
@@ -240,16 +241,18 @@ def device_name(device):
 
 
 def plot_against_length(records, methods, panels, path, title):
-    """Log-log panels against T, one line per method: panels are (record key, scale, axis label)."""
+    """Log-log panels against T, one line per method, in the same colour in every panel: panels are (record
+    key, scale, axis label)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.3))
     for ax, (key, scale, label) in zip(axes, panels):
-        for method in methods:
+        for number, method in enumerate(methods):
             rows = [r for r in records if r["method"] == method and key in r]
             if rows:
-                ax.plot([r["T"] for r in rows], [r[key] * scale for r in rows], "o-", label=method)
+                ax.plot([r["T"] for r in rows], [r[key] * scale for r in rows], "o-", label=method,
+                        color=f"C{number}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")
@@ -305,20 +308,16 @@ def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
     against SEA with its cache; each figure from a child process of its own."""
     print(f"decoding with a cache, OPT-125m shape (random weights), on {device_name(device)}, {dtype}: "
           f"ms per generated token (averaged over {new_tokens}) / peak memory (MB)")
-    print(f"{'context':>8} {'dense':>20} {'sea':>20}")
+    print(f"{'context':>7} {'dense':>20} {'sea':>20}")
     records = []
+    describe = lambda result: f"{result['seconds_per_token'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}"
     for context in contexts:
-        cells = []
-        for method in ("dense", "sea"):
-            result = measure_in_child(dict(kind="decode", preset="opt-125m", method=method, length=context,
-                                           new_tokens=new_tokens, device=device, dtype=dtype))
-            if not result:
-                cells.append(f"{'failed':>20}")
-                continue
+        spec = lambda method: dict(kind="decode", preset="opt-125m", method=method, length=context,
+                                   new_tokens=new_tokens, device=device, dtype=dtype)
+        for method, result in measure_row(context, ("dense", "sea"), spec, 12, memory_budget(device), describe,
+                                          width=20).items():
             records.append(dict(kind="decode", method=method, context=context, device=device_name(device),
                                 dtype=dtype, **result))
-            cells.append(f"{result['seconds_per_token'] * 1e3:>10.1f} / {result['peak_bytes'] / 2**20:>7.0f}")
-        print(f"{context:>8} " + " ".join(cells), flush=True)
     if json_path:
         write_records(records, json_path)
     return records

@@ -22,16 +22,16 @@ a head of that row on average (window_widths); SEA and sea-heuristic share that 
 import torch
 import torch.nn.functional as F
 
-from sea import (GatedSparseAttention, KeptKeys, bin_mass, causal_mask, estimated_bin_shares, exact_attention,
-                 full_precision, grouped_matmul, grouped_topk, heuristic_bin_scores, row_budget)
+from sea import (GatedSparseAttention, KeptKeys, KeyRanges, bin_mass, causal_mask, estimated_bin_shares,
+                 exact_attention, full_precision, grouped_matmul, grouped_topk, heuristic_bin_scores, row_budget)
 
 
-def window_widths(rows, n_head, k, t_m):
+def window_widths(rows, n_head, keys_per_head, t_m):
     """Keys per head of each row for the window control: SEA's budget n_i spread evenly over the
     heads. A row holds E_i = min(i + 1, T_M) non-empty bins of (i + 1) / E_i keys each; it keeps
     min(n_i, H E_i) cells, so a head keeps min(n_i, H E_i) (i + 1) / (H E_i) keys on average."""
     filled = torch.clamp(rows + 1, max=t_m)
-    cells = torch.minimum(row_budget(rows, n_head, k, t_m), n_head * filled)
+    cells = torch.minimum(row_budget(rows, n_head, keys_per_head, t_m), n_head * filled)
     return torch.round(cells * (rows + 1) / (n_head * filled)).long().clamp(1)
 
 
@@ -83,7 +83,7 @@ class BlockMeanAttention(GatedSparseAttention):
             as_tuple=True)
         start = top[b, h, r, rank] * size
         length = torch.clamp(rows[r] + 1 - start, max=size)  # the own block stops at key i
-        return KeptKeys(top.shape[:3], (b, h, r, start, length)), {}
+        return KeyRanges(tuple(top.shape[:3]), b, h, r, start, length), {}
 
     def block_scores(self, q, k):
         """q (B, H, R, D), k (B, H_kv, T, D) -> (B, H, R, blocks): q_i . (the mean key of each block). Only
@@ -150,10 +150,10 @@ class OracleAttention(GatedSparseAttention):
         return KeptKeys.of_mask((rank < width[:, None]) & causal_mask(rows, k.size(2))), {}
 
 
-def perfect_estimate_bins(probs, rows, k, t_m):
+def perfect_estimate_bins(probs, rows, keys_per_head, t_m):
     """Step 5 run on the attention itself: each (head, bin) cell's mass of probs (B, H, R, T), the grouped
     top-k over them -> kept bins (B, H, R, T_M)."""
-    return grouped_topk(bin_mass(probs, rows, t_m), rows, k)
+    return grouped_topk(bin_mass(probs, rows, t_m), rows, keys_per_head)
 
 
 CONTROLS = {"window": WindowAttention, "sink-window": SinkWindowAttention, "block-mean": BlockMeanAttention,

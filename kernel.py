@@ -34,6 +34,13 @@ import triton.language as tl
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
+@triton.jit
+def bin_start(c, i, T_M):
+    """The first key of bin c of row i (sea.bin_edges, the one formula): bin c holds keys [bin_start(c),
+    bin_start(c + 1))."""
+    return (2 * c * (i + 1) + T_M - 1) // (2 * T_M)
+
+
 # -----------------------------------------------------------------------------
 # step 5: the grouped top-k of each row
 
@@ -52,8 +59,7 @@ def select_bins_kernel(
     offsets = ((b * H + h) * R + row) * T_M + c  # (BLOCK_H, BLOCK_C)
     p = tl.load(P + offsets, mask=valid, other=0.0)
     # a bin holds keys [start, end); short rows have empty bins, which rank below every real one
-    start = (2 * c * (i + 1) + T_M - 1) // (2 * T_M)
-    end = (2 * (c + 1) * (i + 1) + T_M - 1) // (2 * T_M)
+    start, end = bin_start(c, i, T_M), bin_start(c + 1, i, T_M)
     value = tl.where(end > start, p.to(tl.int32, bitcast=True).to(tl.int64) + 1, 0)  # p >= 0: bits order like p
     cell = h * T_M + c
     key = tl.where(valid, (value << INDEX_BITS) | ((1 << INDEX_BITS) - 1 - cell), -1)
@@ -106,12 +112,12 @@ def sparse_attention_blocks_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of each row's scores
     l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([BLOCK_M, D], tl.float32)  # running sum of exp(score - m) * v
-    first_row, last_row = row0 + block * BLOCK_M, row0 + tl.minimum(block * BLOCK_M + BLOCK_M, R) - 1
+    block_first, block_last = row0 + block * BLOCK_M, row0 + tl.minimum(block * BLOCK_M + BLOCK_M, R) - 1
     for c in range(0, T_M):
         if tl.load(Union + (bh * n_blocks + block) * T_M + c) != 0:
             kept = tl.load(Keep + (bh * R + rows) * T_M + c, mask=row_valid, other=0) != 0  # (BLOCK_M,)
-            start = (2 * c * (first_row + 1) + T_M - 1) // (2 * T_M)  # bin edges grow with the row
-            end = (2 * (c + 1) * (last_row + 1) + T_M - 1) // (2 * T_M)
+            start = bin_start(c, block_first, T_M)  # bin edges grow with the row
+            end = bin_start(c + 1, block_last, T_M)
             for n in range(start, end, BLOCK_N):
                 j = n + tl.arange(0, BLOCK_N)
                 k = tl.load(K + j[:, None] * D + d[None, :], mask=(j < end)[:, None], other=0.0)
@@ -119,7 +125,8 @@ def sparse_attention_blocks_kernel(
                 if UPCAST:
                     k, v = k.to(tl.float32), v.to(tl.float32)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
-                in_bin = (2 * j[None, :] + 1) * T_M // (2 * (i[:, None] + 1)) == c
+                in_bin = (j[None, :] >= bin_start(c, i[:, None], T_M)) & (j[None, :] < bin_start(c + 1, i[:, None],
+                                                                                            T_M))
                 visible = in_bin & kept[:, None] & (j[None, :] <= i[:, None]) & (j[None, :] < end)
                 scores = tl.where(visible, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from reformer import LSHAttention, ReformerConfig
 from controls import ANALYSIS, CONTROLS
-from sea import (GrowingRows, PerformerAttention, SEAAttention, SEAConfig, causal_mask, exact_attention,
+from performer import PerformerAttention
+from sea import (GrowingRows, SEAAttention, SEAConfig, causal_mask, exact_attention,
                  grouped_matmul)
 from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
@@ -154,14 +155,15 @@ class DenseAttention(nn.Module):
         probs = exact_attention(q, k, torch.arange(q.size(2), device=q.device))  # (B, H, T, T)
         return grouped_matmul(probs.to(v.dtype), v), {"probs": probs}
 
-    def extend(self, q, k, v, start, state):
-        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)) over the keys and values of
-        every position so far (B, H, start + R, D). Nothing to keep but those: state stays None."""
-        if start == 0:  # a prompt into an empty cache: plain causal attention
+    def extend(self, q, k, v, row0, state):
+        """Decoding: the rows row0 .. row0 + R - 1 (q (B, H, R, D)) over the keys and values of
+        every position so far (B, H_kv, row0 + R, D). Nothing to keep but those: state stays None."""
+        if row0 == 0:  # a prompt into an empty cache: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=grouped(q, k)), None
         # one new row sees every key: no mask (with one, SDPA on a CPU falls back to a path that copies
         # shared key/value heads per query head)
-        visible = None if q.size(2) == 1 else causal_mask(torch.arange(start, k.size(2), device=q.device), k.size(2))
+        rows = torch.arange(row0, k.size(2), device=q.device)
+        visible = None if q.size(2) == 1 else causal_mask(rows, k.size(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0, enable_gqa=grouped(q, k)), None
 
 
@@ -231,7 +233,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(C, C, bias=config.bias)
         self.mechanism = build_attention(config)
 
-    def forward(self, x, rotary=None, need_internals=False, cache=None):
+    def forward(self, x, rotary=None, need_weights=False, cache=None):
         """x (B, T, C) -> (y, internals). rotary: (cos, sin) of the positions, or None (learned
         positions). With a LayerCache, x holds the positions after the cached ones, attended
         together with those."""
@@ -242,17 +244,17 @@ class Attention(nn.Module):
             q, k = rotate(q, rotary, self.head_dim ** -0.5), rotate(k, rotary)
         else:
             q = q * self.head_dim ** -0.5
-        start = 0
+        row0 = 0
         if cache is not None:
-            start = cache.length
+            row0 = cache.length
             k, v = cache.append(k, v)  # one copy per key/value head
         if cache is None:
-            context, aux = self.mechanism(q, k, v, need_weights=need_internals)
+            context, aux = self.mechanism(q, k, v, need_weights=need_weights)
         else:
-            context, cache.state = self.mechanism.extend(q, k, v, start, cache.state)
+            context, cache.state = self.mechanism.extend(q, k, v, row0, cache.state)
             aux = {}
         y = self.out_proj(context.transpose(1, 2).reshape(B, T, C))
-        internals = dict(aux, q=q, k=k, v=v, context=context) if need_internals else None
+        internals = dict(aux, q=q, k=k, v=v, context=context) if need_weights else None
         return y, internals
 
 
@@ -267,13 +269,13 @@ class Block(nn.Module):
         super().__init__()
         self.pre_ln = config.pre_ln
         self.self_attn = Attention(config)
-        self.self_attn_layer_norm = make_norm(config, config.n_embd)
+        self.self_attn_layer_norm = make_norm(config, config.n_embd)  # the norm of the attention sublayer (OPT's name)
         self.fc1 = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
         self.fc_gate = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias) if config.mlp == "swiglu" else None
         self.fc2 = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
-        self.final_layer_norm = make_norm(config, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
+        self.final_layer_norm = make_norm(config, config.n_embd)  # the norm of the MLP sublayer (OPT's name; llama's
+        self.dropout = nn.Dropout(config.dropout)               # post_attention_layernorm); the names are the keys of
+                                                                # checkpoints and of the Hugging Face OPT files
     MLP_ROWS = 4096  # positions per piece of the MLP without a graph: bounds its (positions x ffn_dim) activations
 
     def mlp(self, h):
@@ -288,9 +290,9 @@ class Block(nn.Module):
             return self.fc2(F.silu(self.fc_gate(h)) * self.fc1(h))
         return self.fc2(F.relu(self.fc1(h)))
 
-    def forward(self, x, rotary=None, need_internals=False, cache=None):
+    def forward(self, x, rotary=None, need_weights=False, cache=None):
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
-        h, internals = self.self_attn(h, rotary, need_internals, cache)
+        h, internals = self.self_attn(h, rotary, need_weights, cache)
         x = x + self.dropout(h)
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -323,7 +325,7 @@ class Decoder(nn.Module):
         self.project_in = nn.Linear(c.embedding_width, c.n_embd, bias=False) if needs_projection else None
         self.project_out = nn.Linear(c.n_embd, c.embedding_width, bias=False) if needs_projection else None
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-        self.final_layer_norm = make_norm(c, c.n_embd) if c.pre_ln else None
+        self.final_layer_norm = make_norm(c, c.n_embd) if c.pre_ln else None  # after the last layer (llama's norm)
         self.lm_head = None if c.tied_output else nn.Linear(c.embedding_width, c.vocab_size, bias=False)
         self.dropout = nn.Dropout(c.dropout)
         self.apply(self._init_weights)
@@ -353,19 +355,20 @@ class Decoder(nn.Module):
         Hugging Face calls `hidden_states` (embedding output, every layer's output but
         the last, the final normalized output), an empty list unless need_hidden; layers
         holds each layer's attention internals (q, k, v, context and the mechanism's own
-        aux, with need_weights), an empty list unless need_layers. logits: every position's ("all"),
-        the last position's only ("last", (B, 1, vocab)) or none (None: the output layer skipped).
+        aux), an empty list unless need_layers, which each layer passes on as need_weights. logits:
+        every position's ("all"), the last position's only ("last", (B, 1, vocab)) or none (None: the
+        output layer skipped).
         With caches (one LayerCache per layer), idx holds the tokens after the cached ones
         (decoding; see generate).
         """
         if logits not in ("all", "last", None):
             raise ValueError(f"logits={logits!r}: choose 'all', 'last' or None")
         B, T = idx.shape
-        start = caches[0].length if caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence length {start + T} exceeds the model's block_size "
+        row0 = caches[0].length if caches else 0
+        if row0 + T > self.config.block_size:
+            raise ValueError(f"sequence length {row0 + T} exceeds the model's block_size "
                              f"{self.config.block_size} (the longest context it is configured for)")
-        positions = torch.arange(start, start + T, device=idx.device)
+        positions = torch.arange(row0, row0 + T, device=idx.device)
         x = self.embed_tokens(idx)
         if self.project_in is not None:
             x = self.project_in(x)
@@ -459,10 +462,10 @@ class Decoder(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
+    def from_pretrained(cls, name_or_path, **overrides):
         """A pretrained model (weights.py reads it): a PRETRAINED name such as "smollm2-135m", a
         llama GGUF file, a Hugging Face directory (OPT or llama) or a hub name."""
-        fields, state = read_pretrained(name_or_path, cache_dir)
+        fields, state = read_pretrained(name_or_path)
         model = cls(DecoderConfig(**{**fields, **overrides}))
         model.load_checked_state_dict(state, str(name_or_path), strict=model.config.attn == "dense")
         return model

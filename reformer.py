@@ -86,12 +86,12 @@ class LSHAttention(nn.Module):
             out = self.attend(q.to(precision).reshape(B * H, T, D), v.to(precision).reshape(B * H, T, D))
         return out.view(B, H, T, D).to(v.dtype), {}
 
-    def extend(self, q, k, v, start, state):
-        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), v of every position so far,
+    def extend(self, q, k, v, row0, state):
+        """Decoding: the rows row0 .. row0 + R - 1 (q (B, H, R, D)), v of every position so far,
         the shared query/keys of the earlier positions (state, None at the start). Runs the
         attention over all positions again and keeps the new rows: exact, since it is causal."""
         qk = q if state is None else torch.cat([state, q], dim=2)
-        return self(qk, None, v)[0][:, :, start:], qk
+        return self(qk, None, v)[0][:, :, row0:], qk
 
     def attend(self, qk, v):
         G, T, D = qk.shape

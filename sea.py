@@ -3,27 +3,28 @@ SEA: Sparse linear attention with an Estimated Attention mask (Lee et al., ICLR 
 
 Every query's attention row is first *estimated* cheaply, in a compressed form of
 T_M bins (the predictor length), then a few bins are kept and exact softmax attention runs on their
-keys only. The steps follow the paper:
+keys only. This file follows the paper's steps, each under its heading, in order:
 
   1. linear estimate   causal FAVOR+ (ReLU kernel) over [positions, values]
   2. encode            e = GELU(LayerNorm(Linear(concat(c, v))))
   3. decode            a small causal CNN turns e into compressed scores s_hat (ours, beyond the
                        paper: SEAConfig.estimator = "residual" adds it to an estimate from the keys)
   4. probabilities     p_hat = softmax(s_hat) over the T_M bins
-  5. grouped top-k     keep the best bins of all heads together, a budget per row
-  6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, key)
+  5. grouped top-k     keep the best bins of all heads together, a budget per row: KeptBins
+  6. decompress        kept bins -> key ranges, a flat list of (batch, head, row, keys): KeyRanges
   7. sparse attention  exact softmax over the kept keys, times a gate
   8. mix               with the running mean of the values, by a second gate
 
-Shapes: B batch, H heads, T sequence, D head dim, T_M bins, R query rows of a chunk.
-GatedSparseAttention.attend_chunk runs the eight steps in order for one chunk of rows; the
-choice of keys (steps 3-6) is the one thing SEA and its controls (controls.py: windows, blocks,
-the heuristic estimate) do differently. At inference nothing here is T x T but the helpers for the loss
-and pictures at the bottom: the rows go a chunk at a time, each chunk handing the next the
-state it needs (the same state that decoding one token at a time keeps), and step 7 reads one
-block of keys per kept cell. Training runs step 7 as a masked dense softmax, as the
-distillation loss is T x T anyway. `python sea.py` walks through the inference path on a
-small input.
+then the layer that runs them (GatedSparseAttention.attend_chunk, one chunk of rows at a time, each
+chunk handing the next the state it needs, the same state that decoding one token at a time keeps),
+and what training needs (the teacher's attention, the estimate loss). The choice of keys (steps 3-5)
+is the one thing SEA and its controls (controls.py) do differently. At inference nothing here is
+T x T; training runs step 7 as a masked dense softmax, as the distillation loss is T x T anyway.
+
+Shapes: B batch, H query heads, H_kv key/value heads, T keys, D head dim, T_M bins, R query rows of a
+chunk. Names: `rows` are the positions of a chunk's query rows, `row0` the first of them;
+SEAConfig.k (the paper's k) is `keys_per_head` where a function takes the budget; `k` is the keys.
+`python sea.py` walks through the inference path on a small input.
 """
 
 import math
@@ -40,7 +41,7 @@ ESTIMATORS = ("paper", "residual")  # SEAConfig.estimator
 
 @dataclass
 class SEAConfig:
-    k: int = 64  # kept keys per query per head on long rows
+    k: int = 64  # the budget: keys kept per query per head, on average over the heads (the paper's k)
     t_m: int = 256  # T_M, the predictor length: bins per compressed attention row
     nbf: float = 8  # Performer feature factor: m = int(D * ln(D) / nbf) random features
     query_chunk: int = 256  # query rows per step at inference, all eight steps: bounds the memory
@@ -72,9 +73,10 @@ def full_precision(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-# Grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads): the mechanisms take
-# keys and values with their own head count H_kv, query head h reading key/value head h // G,
-# G = H / H_kv. Nothing the size of the keys is ever copied per query head.
+# -----------------------------------------------------------------------------
+# grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads): the mechanisms take keys and
+# values with their own head count H_kv, query head h reading key/value head h // G, G = H / H_kv; nothing the
+# size of the keys is ever copied per query head
 
 def grouped_matmul(a, b):
     """a (B, H, R, X) @ b (B, H_kv, X, Y) -> (B, H, R, Y), query head h against key/value head h // G:
@@ -90,7 +92,39 @@ def query_heads(x, n_head):
 
 
 # -----------------------------------------------------------------------------
-# step 1: causal FAVOR+ linear attention with the ReLU kernel
+# rows, keys and bins: row i sees keys 0..i, which its T_M bins cut into runs of consecutive keys
+
+def causal_mask(rows, T):
+    """(R, T) bool: key j is visible from row i when j <= i."""
+    return torch.arange(T, device=rows.device)[None, :] <= rows[:, None]
+
+
+def bin_edges(rows, t_m):
+    """(R, T_M + 1): bin c of row i holds keys [edges[c], edges[c + 1]).
+
+    Key j <= i falls in bin c(i, j) = floor((j + 0.5) * T_M / (i + 1)), so bin c starts at
+    the first j with (2j + 1) T_M >= 2 c (i + 1): ceil((2c(i + 1) - T_M) / (2 T_M)), which for
+    j >= 0 is floor((2c(i + 1) + T_M - 1) / (2 T_M)): the one place this formula is written (kernel.bin_start
+    is its Triton twin).
+    """
+    c = torch.arange(t_m + 1, device=rows.device)
+    return (2 * c * (rows[:, None] + 1) + t_m - 1) // (2 * t_m)
+
+
+def bin_widths(rows, t_m):
+    """(R, T_M): how many keys each bin of each row holds (0 for the empty bins of short rows)."""
+    return bin_edges(rows, t_m).diff(dim=1)
+
+
+def key_bins(rows, T, t_m):
+    """(R, T) long: the bin c(i, j) of key j in row i, the last bin whose first key (bin_edges) is at most j
+    (keys j > i: the last bin)."""
+    keys = torch.arange(T, device=rows.device).expand(len(rows), T).contiguous()
+    return (torch.searchsorted(bin_edges(rows, t_m), keys, right=True) - 1).clamp(max=t_m - 1)
+
+
+# -----------------------------------------------------------------------------
+# step 1: the linear estimate, causal FAVOR+ with the ReLU kernel over [positions, values]
 
 def gaussian_orthogonal_matrix(m, d):
     """(m, d) random features: orthogonal rows in blocks of d, each row with a Gaussian norm."""
@@ -137,35 +171,17 @@ def causal_linear_attention(phi_q, phi_k, v, sums=None, block=128):
     return out, (S[:, :, -1], z[:, :, -1])
 
 
-class PerformerAttention(nn.Module):
-    """The Performer baseline: causal FAVOR+ (ReLU kernel) used as the attention itself."""
+# -----------------------------------------------------------------------------
+# step 2: encode
 
-    ROWS_PER_CALL = 4096  # rows per causal_linear_attention call: bounds its (block x block) products
-
-    def __init__(self, head_dim, nbf):
-        super().__init__()
-        self.features = ReLUFeatures(head_dim, nbf)
-
-    def forward(self, q, k, v, need_weights=False):
-        return self.extend(q, k, v, 0, None)[0], {}
-
-    def extend(self, q, k, v, start, sums):
-        """Decoding: the rows start .. start + R - 1 (q (B, H, R, D)), k and v of every position
-        so far, the prefix sums of the rows before (None at the start) -> (out, sums)."""
-        with torch.autocast(q.device.type, enabled=False):
-            q = full_precision(q)
-            k, v = (query_heads(full_precision(x[:, :, start:]), q.size(1)) for x in (k, v))  # the new rows
-            outs = []
-            for first in range(0, q.size(2), self.ROWS_PER_CALL):
-                rows = slice(first, first + self.ROWS_PER_CALL)
-                out, sums = causal_linear_attention(self.features(q[:, :, rows]), self.features(k[:, :, rows]),
-                                                    v[:, :, rows], sums)
-                outs.append(out)
-        return torch.cat(outs, dim=2).to(v.dtype), sums
+def make_encoder(head_dim):
+    """Step 2: e = GELU(LayerNorm(Linear(f))), f = [c, v] (3D wide) -> e (2D wide)."""
+    D = head_dim
+    return nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
 
 
 # -----------------------------------------------------------------------------
-# step 3: the compressed-score decoder
+# step 3: decode, the compressed scores s_hat; and ours, the heuristic estimate from the keys
 
 class CompressedScoreDecoder(nn.Module):
     """e (B, H, T, 2D) -> compressed scores s_hat (B, H, T, T_M).
@@ -204,31 +220,102 @@ class CompressedScoreDecoder(nn.Module):
         return self.norm_out(x)
 
 
+class KeyPrefixSums:
+    """prefix[j] = k_0 + ... + k_{j-1}, (B, H_kv, T + 1, D), for pooled_key_scores. Each chunk of rows
+    and each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs
+    O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
+
+    def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
+        self.prefix = GrowingRows()
+        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, D)
+
+    def extend(self, k):  # the next rows' keys (B, H_kv, R, D), at inference
+        self.prefix.append(self.sums()[:, :, -1:] + full_precision(k).cumsum(2))
+        return self
+
+    def sums(self):  # (B, H_kv, T + 1, D)
+        return self.prefix.rows()
+
+
+def pooled_key_scores(q, prefix, rows, t_m):
+    """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
+    `rows`: (B, H, R, T_M), 0 for empty bins. Part of the heuristic estimate (ours, beyond the paper):
+    it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
+    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, T_M D) D) work a row, whatever T."""
+    q = full_precision(q)
+    B, H, R, D = q.shape
+    edges = bin_edges(rows, t_m)  # (R, T_M + 1)
+    # q_i . prefix[j] for all j, (B, H, R, T + 1) and a read of the whole prefix, when that moves fewer
+    # floats than gathering each row's edges, (B, H, R, T_M + 1, D): long chunks of short rows, not decoding
+    if prefix.size(2) <= edges.size(1) * min(D, R):
+        at_edges = grouped_matmul(q, prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
+    else:  # long rows: the prefix rows at the edges, (B, H_kv, R, T_M + 1, D), dotted with q_i
+        groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
+        at_edges = torch.einsum("bkgrd,bkred->bkgre", groups, prefix[:, :, edges]).reshape(B, H, R, -1)
+    return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
+
+
+def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
+    """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
+    positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
+    weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
+    The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
+    nest in them), every sub-bin's keys taken at their mean logit q_i . mean(k_j)
+    (pooled_key_scores, from the prefix sums; a lower bound, by Jensen, tighter the finer the
+    sub-bins): log(sum_s w_s exp(m_s) / w). The first bin (the attention sink) and the last (the
+    query's own neighbourhood), where pretrained heads put much mass on single keys, are computed
+    exactly from their few keys. 0 for empty bins. O(T_M sub_bins D) work a row, whatever T."""
+    B, H, R, _ = q.shape
+    fine = pooled_key_scores(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins)
+    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(fine.dtype).clamp_min(1e-30).log()
+    widths = bin_widths(rows, t_m)  # (R, T_M)
+    middle = (fine + log_fine_widths).view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
+    q, k = full_precision(q), full_precision(k)
+    W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
+    slot = torch.arange(W, device=q.device)
+    first = grouped_matmul(q, k[:, :, :W].transpose(-2, -1))  # (B, H, R, W): the first bin's keys are 0, 1, ...
+    last_keys = k[:, :, (rows[:, None] - W + 1 + slot).clamp_min(0)]  # (B, H_kv, R, W, D): keys i - W + 1 .. i
+    groups = q.reshape(B, k.size(1), -1, R, q.size(-1))  # (B, H_kv, G, R, D)
+    last = torch.einsum("bkgrd,bkrwd->bkgrw", groups, last_keys).reshape(B, H, R, W)
+    scores = torch.cat([log_mean_exp(first, slot < widths[:, :1]), middle[..., 1:-1],
+                        log_mean_exp(last, slot >= W - widths[:, -1:])], dim=-1)
+    return scores.masked_fill(widths == 0, 0.0)
+
+
+def log_mean_exp(logits, kept):
+    """log of the mean of exp(logits) (B, H, R, W) over the slots `kept` (R, W): (B, H, R, 1). A finite
+    fill, not -inf, where a slot is not kept, so that even a row that keeps none has a finite gradient."""
+    fill = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~kept, fill).logsumexp(-1, keepdim=True) - kept.sum(-1, keepdim=True).clamp_min(1).log()
+
+
 # -----------------------------------------------------------------------------
-# steps 5-6: the kept-bin budget, bins as key ranges, decompression
+# step 4: probabilities
 
-def row_budget(rows, n_head, k, t_m):
-    """Step 5: query row i keeps n_i = clamp(round(H * k * T_M / (i + 1)), 1, H * T_M) bins."""
-    return torch.round(n_head * k * t_m / (rows.double() + 1)).long().clamp(1, n_head * t_m)
-
-
-def bin_edges(rows, t_m):
-    """(R, T_M + 1): bin c of row i holds keys [edges[c], edges[c + 1]).
-
-    Key j <= i falls in bin c(i, j) = floor((j + 0.5) * T_M / (i + 1)), so bin c starts at
-    the first j with (2j + 1) T_M >= 2 c (i + 1): ceil((2c(i + 1) - T_M) / 2M), which for
-    j >= 0 is floor((2c(i + 1) + T_M - 1) / 2M). kernel.py computes the same in Triton.
-    """
-    c = torch.arange(t_m + 1, device=rows.device)
-    return (2 * c * (rows[:, None] + 1) + t_m - 1) // (2 * t_m)
+def bin_probabilities(s_hat, rows, by_mass):
+    """Step 4: p_hat (B, H, R, T_M), what step 5 ranks, from the compressed scores s_hat of the rows `rows`: the
+    paper's softmax over the bins, or (by_mass, ours) each bin's estimated share of the head's attention
+    (estimated_bin_shares), as the perfect estimate ranks them."""
+    return estimated_bin_shares(s_hat, rows) if by_mass else s_hat.softmax(-1)
 
 
-def bin_widths(rows, t_m):
-    """(R, T_M): how many keys each bin of each row holds (0 for the empty bins of short rows)."""
-    return bin_edges(rows, t_m).diff(dim=1)
+def estimated_bin_shares(s_hat, rows):
+    """(B, H, R, T_M): each bin's share of a head's estimated attention, softmax(s_c + log width_c) over
+    the bins (0 for empty bins), s_hat (B, H, R, T_M) the per-key log weights of the query rows `rows`."""
+    log_widths = bin_widths(rows, s_hat.size(-1)).to(s_hat.dtype).log()  # -inf for empty bins
+    return (s_hat + log_widths).softmax(-1)
 
 
-def grouped_topk(p_hat, rows, k):
+# -----------------------------------------------------------------------------
+# step 5: grouped top-k, the kept bins
+
+def row_budget(rows, n_head, keys_per_head, t_m):
+    """Step 5: query row i keeps n_i = clamp(round(H k T_M / (i + 1)), 1, H T_M) cells, k = keys_per_head (the
+    paper's k, SEAConfig.k): about k keys per head on average, H k in all."""
+    return torch.round(n_head * keys_per_head * t_m / (rows.double() + 1)).long().clamp(1, n_head * t_m)
+
+
+def grouped_topk(p_hat, rows, keys_per_head):
     """Step 5: keep the top n_i of the H * T_M cells of each row, across heads together.
 
     p_hat (B, H, R, T_M) -> keep (B, H, R, T_M) bool. Bins that hold no key (rows shorter
@@ -241,7 +328,7 @@ def grouped_topk(p_hat, rows, k):
     B, H, R, T_M = p_hat.shape
     empty = bin_widths(rows, T_M) == 0  # (R, T_M)
     cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * T_M)
-    budget = row_budget(rows, H, k, T_M)[:, None]  # (R, 1)
+    budget = row_budget(rows, H, keys_per_head, T_M)[:, None]  # (R, 1)
     largest = cells.topk(int(budget.max()), dim=-1).values  # (B, R, n_max)
     threshold = largest.gather(-1, (budget - 1).expand(B, R, 1))  # the n_i-th largest value of each row
     above, tied = cells > threshold, cells == threshold
@@ -249,6 +336,9 @@ def grouped_topk(p_hat, rows, k):
     keep = above | (tied & (tied.cumsum(-1) <= room))
     return keep.view(B, R, H, T_M).transpose(1, 2)
 
+
+# -----------------------------------------------------------------------------
+# step 6: decompress, kept bins -> key ranges; the two forms of the kept keys
 
 def decompress(keep, rows):
     """Step 6: kept bins -> key ranges, one per kept (batch, head, row, bin) cell.
@@ -263,58 +353,76 @@ def decompress(keep, rows):
     return b, h, r, edges[r, c], widths[r, c]
 
 
-# -----------------------------------------------------------------------------
-# the kept keys of a chunk of rows, and step 7 on them (pure PyTorch, O(kept keys) memory)
+class KeptBins(NamedTuple):
+    """Step 5's answer, SEA's form of the kept keys: the bins each head keeps in each row, bins (B, H, R, T_M)
+    bool, of the query rows at positions `rows` (R,). The Triton kernel of step 7 reads it as it is; the
+    PyTorch path decompresses it first (step 6, key_ranges)."""
+    bins: torch.Tensor
+    rows: torch.Tensor
 
-class KeptKeys:
-    """Which keys each (batch, head, row) of a chunk of query rows attends, as *cells*: runs of
-    consecutive keys [start, start + length), five flat tensors b, h, r, start, length (r counts
-    the chunk's rows from 0), a (b, h, r)'s cells contiguous. SEA's cells are its kept bins
-    (B, H, R, T_M), which the Triton kernels read as they are: their cells are found (step 6)
-    only when asked for. The window controls give one or two runs per row, the oracle single keys."""
-
-    def __init__(self, shape, cells=None, bins=None, rows=None):
-        self.shape, self._cells, self.bins, self.rows = tuple(shape), cells, bins, rows  # shape: (B, H, R)
-
-    @classmethod
-    def of_bins(cls, bins, rows):  # kept bins (B, H, R, T_M) of the rows at positions `rows` (R,)
-        return cls(bins.shape[:3], bins=bins, rows=rows)
-
-    @classmethod
-    def of_runs(cls, B, H, runs):  # runs: [(start (R,), length (R,)), ...], the same for every (b, h)
-        start, length = (torch.stack(column, dim=-1) for column in zip(*runs))  # (R, runs)
-        b, h, r, run = (length > 0).expand(B, H, *length.shape).nonzero(as_tuple=True)
-        return cls((B, H, length.size(0)), (b, h, r, start[r, run], length[r, run]))
-
-    @classmethod
-    def of_mask(cls, mask):  # (B, H, R, T) bool: every kept key a cell of its own
-        b, h, r, key = mask.nonzero(as_tuple=True)
-        return cls(mask.shape[:3], (b, h, r, key, torch.ones_like(key)))
-
-    @property
-    def cells(self):
-        if self._cells is None:
-            self._cells = decompress(self.bins, self.rows)  # step 6
-        return self._cells
+    def mask(self, T):
+        """(B, H, R, T) bool: key j kept by head h in row r, by the bin of each key."""
+        return kept_key_mask(self.bins, int(self.rows[0]), T)
 
     def per_head(self):
         """(B, H, R): how many keys each head keeps in each row."""
-        if self.bins is not None:
-            return kept_keys_per_head(self.bins, self.rows)
-        b, h, r, _, length = self.cells
-        return length.new_zeros(self.shape).index_put_((b, h, r), length, accumulate=True)
+        return (self.bins * bin_widths(self.rows, self.bins.size(-1))).sum(-1)
+
+
+class KeyRanges(NamedTuple):
+    """Step 6's answer, and the controls' own form of the kept keys: runs of consecutive keys
+    [start, start + length), one per *cell*, as five flat tensors b, h, r (r counts the chunk's rows from 0),
+    start, length; a (b, h, r)'s cells contiguous and in key order (the paper's FlatCSR). shape: (B, H, R)."""
+    shape: tuple
+    b: torch.Tensor
+    h: torch.Tensor
+    r: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
 
     def mask(self, T):
-        """(B, H, R, T) bool: key j kept by head h in row r. Kept bins: by the bin of each key; cells: each adds
-        +1 at its start and -1 past its end, and the running sum is positive on the kept keys."""
-        if self.bins is not None:
-            return kept_key_mask(self.bins, int(self.rows[0]), T)
-        b, h, r, start, length = self.cells
-        steps = torch.zeros(*self.shape, T + 1, dtype=torch.int32, device=start.device)
-        steps.index_put_((b, h, r, start), torch.ones_like(start, dtype=torch.int32), accumulate=True)
-        steps.index_put_((b, h, r, start + length), -torch.ones_like(start, dtype=torch.int32), accumulate=True)
+        """(B, H, R, T) bool: each cell adds +1 at its start and -1 past its end; the running sum is positive
+        on the kept keys."""
+        steps = torch.zeros(*self.shape, T + 1, dtype=torch.int32, device=self.start.device)
+        ones = torch.ones_like(self.start, dtype=torch.int32)
+        steps.index_put_((self.b, self.h, self.r, self.start), ones, accumulate=True)
+        steps.index_put_((self.b, self.h, self.r, self.start + self.length), -ones, accumulate=True)
         return steps.cumsum(-1)[..., :T] > 0
 
+    def per_head(self):
+        """(B, H, R): how many keys each head keeps in each row."""
+        return self.length.new_zeros(self.shape).index_put_((self.b, self.h, self.r), self.length, accumulate=True)
+
+
+def key_ranges(kept):
+    """Step 6 where it is needed: the KeyRanges of kept keys in either form."""
+    if isinstance(kept, KeyRanges):
+        return kept
+    return KeyRanges(tuple(kept.bins.shape[:3]), *decompress(kept.bins, kept.rows))
+
+
+class KeptKeys:
+    """The kept keys of a chunk of query rows, built by where they come from: SEA's bins (KeptBins), or a
+    control's runs of keys or single keys (KeyRanges)."""
+
+    @staticmethod
+    def of_bins(bins, rows):  # kept bins (B, H, R, T_M) of the rows at positions `rows` (R,)
+        return KeptBins(bins, rows)
+
+    @staticmethod
+    def of_runs(B, H, runs):  # runs: [(start (R,), length (R,)), ...], the same for every (b, h)
+        start, length = (torch.stack(column, dim=-1) for column in zip(*runs))  # (R, runs)
+        b, h, r, run = (length > 0).expand(B, H, *length.shape).nonzero(as_tuple=True)
+        return KeyRanges((B, H, length.size(0)), b, h, r, start[r, run], length[r, run])
+
+    @staticmethod
+    def of_mask(mask):  # (B, H, R, T) bool: every kept key a cell of its own
+        b, h, r, key = mask.nonzero(as_tuple=True)
+        return KeyRanges(tuple(mask.shape[:3]), b, h, r, key, torch.ones_like(key))
+
+
+# -----------------------------------------------------------------------------
+# step 7: sparse attention, exact softmax over the kept keys (pure PyTorch, O(kept keys) memory)
 
 GATHERED_FLOATS = 1 << 20  # keys copied per piece of step 7 (4 MB): a piece is still in the CPU's cache when
 # its scores are computed (measured: 1 << 20 ran 32k rows in 5.9 s, 1 << 22 in 6.5 s)
@@ -331,7 +439,7 @@ def row_table(x):
 
 def sparse_attention(q, k, v, kept):
     """Step 7: softmax attention of the chunk's query rows q (B, H, R, D) over their kept keys only
-    (KeptKeys), k, v (B, H_kv, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
+    (KeptBins or KeyRanges), k, v (B, H_kv, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
     row gets zeros there (the running-mean gate carries it).
 
     Each cell's keys are read as one block of W consecutive keys (W: the widest cell; a block
@@ -345,7 +453,7 @@ def sparse_attention(q, k, v, kept):
     B, H, R, D = q.shape
     T, G = k.size(2), H // k.size(1)  # k, v (B, H_kv, T, D): head h reads key/value head h // G
     (queries, q_row), (keys, k_row), (values, v_row) = (row_table(full_precision(x)) for x in (q, k, v))
-    b, h, r, start, length = kept.cells
+    _, b, h, r, start, length = key_ranges(kept)  # step 6, if not done
     W = int(length.max())
     first = start.clamp(max=T - W)  # (cells,) each block's first key
     key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
@@ -395,7 +503,16 @@ def masked_attention(q, k, v, mask, rows_per_piece=256):
 
 
 # -----------------------------------------------------------------------------
-# the modules model.py plugs in: SEA, and the sliding-window control
+# step 8: mix with the running mean of the values
+
+def mix(context, g0, g1, v_sum, rows):
+    """Step 8: o = g1 g0 o_sp + (1 - g1) mean_{j<=i} v_j for the query rows at positions `rows`: context o_sp
+    (B, H, R, D), the gates' sigmoids g0, g1 (B, H, R, 1), v_sum (B, H_kv, R, D) the sums of v_j, j <= i."""
+    return g1 * g0 * context + (1 - g1) * query_heads(v_sum, context.size(1)) / (rows + 1)[:, None]
+
+
+# -----------------------------------------------------------------------------
+# the layer model.py plugs in: the eight steps a chunk of rows at a time, the state decoding keeps
 
 class GrowingRows:
     """(B, H, n, D) rows appended along dim 2 to a buffer that doubles when full, so n rows cost
@@ -418,23 +535,6 @@ class GrowingRows:
 
     def rows(self):  # every row so far, (B, H, n, D)
         return self.buffer[:, :, :self.length]
-
-
-class KeyPrefixSums:
-    """prefix[j] = k_0 + ... + k_{j-1}, (B, H_kv, T + 1, D), for pooled_key_scores. Each chunk of rows
-    and each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs
-    O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
-
-    def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
-        self.prefix = GrowingRows()
-        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, D)
-
-    def extend(self, k):  # the next rows' keys (B, H_kv, R, D), at inference
-        self.prefix.append(self.sums()[:, :, -1:] + full_precision(k).cumsum(2))
-        return self
-
-    def sums(self):  # (B, H_kv, T + 1, D)
-        return self.prefix.rows()
 
 
 class DecodingState(NamedTuple):
@@ -466,7 +566,7 @@ class GatedSparseAttention(nn.Module):
         D = head_dim
         self.features = ReLUFeatures(D, cfg.nbf)
         self.positions = nn.Parameter(torch.randn(max_positions, D))  # P, step 1
-        self.encoder = nn.Sequential(nn.Linear(3 * D, 2 * D), nn.LayerNorm(2 * D), nn.GELU())
+        self.encoder = make_encoder(D)  # step 2
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
         nn.init.constant_(self.gates.bias, 3.0)  # sigmoid(3) = 0.95: start close to plain sparse attention
 
@@ -540,7 +640,7 @@ class GatedSparseAttention(nn.Module):
         key_prefix = None
         if self.uses_key_prefix():
             key_prefix = KeyPrefixSums(new_k) if state is None else state.key_prefix.extend(new_k)
-        # steps 3-6: the keys each (head, row) keeps
+        # steps 3-5: the keys each (head, row) keeps
         kept, aux = self.choose_keys(q, k, e_rows, rows, key_prefix)
         # step 7: the exact softmax over the kept keys
         if materialize or T <= self.FEW_KEYS:
@@ -548,15 +648,15 @@ class GatedSparseAttention(nn.Module):
             context = masked_attention(q, k, v, mask)
             if materialize:
                 aux["kept_mask"] = mask
-        elif self.uses_kernel(q) and kept.bins is not None:
+        elif self.uses_kernel(q) and isinstance(kept, KeptBins):  # the kernel reads the bins: no step 6
             from kernel import sparse_attention_blocks  # Triton is optional: import when used
             context = sparse_attention_blocks(q, k, v, kept.bins, row0)
         else:
-            context = sparse_attention(q, k, v, kept)
+            context = sparse_attention(q, k, v, key_ranges(kept))  # step 6, then 7
         # steps 7-8: the gate g0 on that context, the mix g1 with the running mean of the values
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
         v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i, (B, H_kv, R, D)
-        out = g1 * g0 * context + (1 - g1) * query_heads(v_sum, q.size(1)) / (rows + 1)[:, None]
+        out = mix(context, g0, g1, v_sum, rows)
         aux["kept_per_head"] = kept.per_head()
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
         return out.to(v.dtype), aux, state
@@ -571,7 +671,7 @@ class GatedSparseAttention(nn.Module):
         return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
 
     def choose_keys(self, q, k, e, rows, key_prefix):
-        """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps: (KeptKeys,
+        """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps: (KeptBins or KeyRanges,
         aux of (B, H, R, ...) tensors). k holds every key up to the last row; e the encoded rows,
         these rows' the last R, before them up to HALO rows above; key_prefix the keys'
         KeyPrefixSums where uses_key_prefix, else None."""
@@ -637,13 +737,13 @@ class SEAAttention(GatedSparseAttention):
 
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3
-        # step 4; the estimate learns from the estimate loss only. The paper ranks the bins by their
-        # softmax, ours by each bin's estimated mass (its keys' weight times their count), as the
-        # perfect estimate ranks them
-        p_hat = estimated_bin_shares(s_hat.detach(), rows) if self.residual else s_hat.detach().softmax(-1)
-        bins = self.keep_bins(p_hat, q, k, rows)  # step 5
-        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins, scores=s_hat)  # step 6 when asked for
+        p_hat = bin_probabilities(s_hat.detach(), rows, by_mass=self.residual)  # step 4 (no gradient: the estimate
+        bins = self.keep_bins(p_hat, q, k, rows)  # step 5                      # learns from its loss only)
+        return KeptBins(bins, rows), dict(kept_bins=bins, scores=s_hat)
 
+
+# -----------------------------------------------------------------------------
+# training: the teacher's attention, the estimate loss and its targets, the T x T views for masks and pictures
 
 def exact_attention(q, k, rows):
     """softmax(q k^T) of the query rows q (B, H, R, D) at positions `rows` over keys j <= i, in float32:
@@ -652,84 +752,15 @@ def exact_attention(q, k, rows):
     return scores.masked_fill(~causal_mask(rows, k.size(2)), float("-inf")).softmax(-1)
 
 
-def pooled_key_scores(q, prefix, rows, t_m):
-    """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
-    `rows`: (B, H, R, T_M), 0 for empty bins. Part of the heuristic estimate (ours, beyond the paper):
-    it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
-    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, T_M D) D) work a row, whatever T."""
-    q = full_precision(q)
-    B, H, R, D = q.shape
-    edges = bin_edges(rows, t_m)  # (R, T_M + 1)
-    # q_i . prefix[j] for all j, (B, H, R, T + 1) and a read of the whole prefix, when that moves fewer
-    # floats than gathering each row's edges, (B, H, R, T_M + 1, D): long chunks of short rows, not decoding
-    if prefix.size(2) <= edges.size(1) * min(D, R):
-        at_edges = grouped_matmul(q, prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
-    else:  # long rows: the prefix rows at the edges, (B, H_kv, R, T_M + 1, D), dotted with q_i
-        groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
-        at_edges = torch.einsum("bkgrd,bkred->bkgre", groups, prefix[:, :, edges]).reshape(B, H, R, -1)
-    return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
-
-
-def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
-    """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
-    positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
-    weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
-    The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
-    nest in them), every sub-bin's keys taken at their mean logit q_i . mean(k_j)
-    (pooled_key_scores, from the prefix sums; a lower bound, by Jensen, tighter the finer the
-    sub-bins): log(sum_s w_s exp(m_s) / w). The first bin (the attention sink) and the last (the
-    query's own neighbourhood), where pretrained heads put much mass on single keys, are computed
-    exactly from their few keys. 0 for empty bins. O(T_M sub_bins D) work a row, whatever T."""
-    B, H, R, _ = q.shape
-    fine = pooled_key_scores(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins)
-    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(fine.dtype).clamp_min(1e-30).log()
-    widths = bin_widths(rows, t_m)  # (R, T_M)
-    middle = (fine + log_fine_widths).view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
-    q, k = full_precision(q), full_precision(k)
-    W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
-    slot = torch.arange(W, device=q.device)
-    first = grouped_matmul(q, k[:, :, :W].transpose(-2, -1))  # (B, H, R, W): the first bin's keys are 0, 1, ...
-    last_keys = k[:, :, (rows[:, None] - W + 1 + slot).clamp_min(0)]  # (B, H_kv, R, W, D): keys i - W + 1 .. i
-    groups = q.reshape(B, k.size(1), -1, R, q.size(-1))  # (B, H_kv, G, R, D)
-    last = torch.einsum("bkgrd,bkrwd->bkgrw", groups, last_keys).reshape(B, H, R, W)
-    scores = torch.cat([log_mean_exp(first, slot < widths[:, :1]), middle[..., 1:-1],
-                        log_mean_exp(last, slot >= W - widths[:, -1:])], dim=-1)
-    return scores.masked_fill(widths == 0, 0.0)
-
-
-def log_mean_exp(logits, kept):
-    """log of the mean of exp(logits) (B, H, R, W) over the slots `kept` (R, W): (B, H, R, 1). A finite
-    fill, not -inf, where a slot is not kept, so that even a row that keeps none has a finite gradient."""
-    fill = torch.finfo(logits.dtype).min
-    return logits.masked_fill(~kept, fill).logsumexp(-1, keepdim=True) - kept.sum(-1, keepdim=True).clamp_min(1).log()
-
-
-def estimated_bin_shares(s_hat, rows):
-    """(B, H, R, T_M): each bin's share of a head's estimated attention, softmax(s_c + log width_c) over
-    the bins (0 for empty bins), s_hat (B, H, R, T_M) the per-key log weights of the query rows `rows`."""
-    log_widths = bin_widths(rows, s_hat.size(-1)).to(s_hat.dtype).log()  # -inf for empty bins
-    return (s_hat + log_widths).softmax(-1)
-
-
-def kept_keys_per_head(kept_bins, rows):
-    """(B, H, R, T_M) kept bins of rows `rows` -> (B, H, R): keys each head keeps in each row."""
-    widths = bin_widths(rows, kept_bins.size(-1))  # (R, T_M)
-    return (kept_bins * widths).sum(-1)
-
-
-# -----------------------------------------------------------------------------
-# T x T views: for the masks of training, the estimate loss, tests and pictures
-
-def key_bins(rows, T, t_m):
-    """(R, T) long: bin c(i, j) = floor((j + 0.5) T_M / (i + 1)) of key j in row i (j > i clipped)."""
-    i = rows[:, None]
-    j = torch.arange(T, device=rows.device)[None, :]
-    return (((2 * j + 1) * t_m) // (2 * (i + 1))).clamp(max=t_m - 1)
-
-
-def causal_mask(rows, T):
-    """(R, T) bool: key j is visible from row i when j <= i."""
-    return torch.arange(T, device=rows.device)[None, :] <= rows[:, None]
+def causal_attention_pieces(q, k, rows_per_piece=256):
+    """The exact causal attention of q (B, H, T, D) over k (B, H_kv, T, D), a piece of rows at a time, each
+    over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory.
+    Yields (rows (R,), probs (B, H, R, rows[-1] + 1)), the rows in order."""
+    T = q.size(2)
+    for first in range(0, T, rows_per_piece):
+        last = min(first + rows_per_piece, T)  # the rows first .. last - 1 see the keys 0 .. last - 1
+        rows = torch.arange(first, last, device=q.device)
+        yield rows, exact_attention(q[:, :, first:last], k[:, :, :last], rows)
 
 
 def estimated_attention_map(scores):
@@ -766,17 +797,6 @@ def bin_targets(probs, rows, t_m):
     """The teacher's causal attention probs (B, H, R, T) of the query rows `rows` -> BinTargets: a row's
     T numbers reduced to T_M + 2, so a warm-up can drop each layer's map as soon as it is read."""
     return BinTargets(bin_mass(probs, rows, t_m), torch.xlogy(probs, probs).sum(-1), (probs * probs).sum(-1))
-
-
-def causal_attention_pieces(q, k, rows_per_piece=256):
-    """The exact causal attention of q (B, H, T, D) over k (B, H_kv, T, D), a piece of rows at a time, each
-    over the keys it can see: about half the work of the whole (T x T) map, and a piece's memory.
-    Yields (rows (R,), probs (B, H, R, rows[-1] + 1)), the rows in order."""
-    T = q.size(2)
-    for first in range(0, T, rows_per_piece):
-        last = min(first + rows_per_piece, T)  # the rows first .. last - 1 see the keys 0 .. last - 1
-        rows = torch.arange(first, last, device=q.device)
-        yield rows, exact_attention(q[:, :, first:last], k[:, :, :last], rows)
 
 
 def attention_bin_targets(pieces, t_m):
@@ -835,7 +855,7 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 
     for hook in hooks:
         hook.remove()
     m = attention.features.W.size(0)
-    b, h, r, start, length = decompress(aux["kept_bins"], torch.arange(T))
+    b, h, r, start, length = decompress(aux["kept_bins"], torch.arange(T))  # step 6, as the PyTorch path runs it
     steps = [
         ("input", "q, k, v", q.shape, "q already scaled by D^-1/2"),
         ("1 linear estimate", "phi(q), phi(k)", shapes["features"][1].shape, f"m = {m} ReLU random features"),
@@ -855,7 +875,7 @@ def walk_through(B=1, H=2, T=48, D=16, cfg=SEAConfig(k=2, t_m=16), rows=(3, 11, 
     for step, name, shape, note in steps:
         print(f"{step:<20} {name:<16} {str(tuple(shape)):<18} {note}")
     budget = row_budget(torch.arange(T), H, cfg.k, cfg.t_m)
-    print(f"\nrow i sees keys 0..i; it keeps n_i = round(H k T_M / (i + 1)) of its H x T_M cells (step 5):")
+    print("\nrow i sees keys 0..i; it keeps n_i = round(H k T_M / (i + 1)) of its H x T_M cells (step 5):")
     for i in rows:
         ranges = {head: [] for head in range(H)}
         for cell in ((b == 0) & (r == i)).nonzero().flatten().tolist():

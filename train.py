@@ -21,15 +21,16 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as evaluate
+from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float,
+                 non_negative_int, positive_float, positive_int, write_records)
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
-from eval import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float,
-                  non_negative_int, positive_float, positive_int)
 from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
 from reformer import ReformerConfig
 from controls import CONTROLS
@@ -358,24 +359,56 @@ def record(history, **entry):
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# the training run, phase by phase
+
+class Run(NamedTuple):
+    """What every phase of a run shares: the process's place, the model and its objective, where it starts."""
+    rank: int
+    world: int
+    device: torch.device
+    model: Decoder
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    resumed: bool
+    start_iter: int  # 0, or the resumed checkpoint's iteration
+    best_val: float
+    ckpt_path: Path
+    history: Optional[Path]  # the master's history.jsonl, None on the other ranks
+
+    @property
+    def master(self):
+        return self.rank == 0
+
 
 def train(args):
+    """Train as the flags say: a teacher, or a student's warm-up, then distillation; returns the checkpoint's
+    path (None after the over-fit test)."""
+    run = start_run(args)
+    train_tokens, val_tokens = (load_text(split, args, run.model) for split in ("train", "valid"))
+    if args.estimator_iters and not run.resumed:  # phase 1, before DDP copies rank 0's weights
+        warm_up_estimator(run.model, run.objective.teacher, train_tokens, val_tokens, args, run.device, run.master,
+                          run.history)
+        if args.estimator_overfit:
+            if run.master:
+                print(f"over-fit test done (no distillation, no checkpoint); its recall is in {run.history}")
+            return finish(run, None)
+    if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
+        if run.master:
+            save_checkpoint(run.ckpt_path, run.model, run.optimizer, 0, float("nan"), args)
+            print(f"training-free SEA (estimator warm-up only, gates open): saved {run.ckpt_path}")
+        return finish(run, run.ckpt_path)
+    optimize(run, train_tokens, val_tokens, args)
+    return finish(run, run.ckpt_path)
+
+
+def start_run(args):
+    """The process's place, the model (fresh, a student of the teacher, or resumed from its checkpoint), the
+    teacher and the objective, the optimizer, and a fresh history unless resumed."""
     rank, world, device = setup_distributed(args.device)
-    master = rank == 0
     torch.manual_seed(args.seed + rank)
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
-
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
-        checkpoint = read_checkpoint(ckpt_path)
-        model = Decoder.from_checkpoint_dict(checkpoint, str(ckpt_path))
-        if checkpoint["iter"] >= args.max_iters:
-            raise ValueError(f"--resume: {ckpt_path} is at iteration {checkpoint['iter']}, so "
-                             f"--max-iters {args.max_iters} leaves nothing to train; raise --max-iters")
-    else:
-        checkpoint, model = None, build_student(args)
+    checkpoint = read_resumed_checkpoint(ckpt_path, args) if args.resume else None
+    model = Decoder.from_checkpoint_dict(checkpoint, str(ckpt_path)) if checkpoint else build_student(args)
     teacher = load_teacher(args)
     args.block_size = args.block_size or model.config.block_size
     if args.block_size > model.config.block_size:
@@ -389,223 +422,307 @@ def train(args):
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_iter, best_val = checkpoint["iter"], checkpoint["best_val"]
-        if master:
+        if rank == 0:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
-
-    train_tokens = load_tokens("train", args.data_dir, args.cache_dir, model.config.tokenizer)
-    val_tokens = load_tokens("valid", args.data_dir, args.cache_dir, model.config.tokenizer)
-    for split, tokens in (("train", train_tokens), ("valid", val_tokens)):
-        check_long_enough(tokens, args.block_size + 2, f"{split} split")
-    history = Path(args.out_dir) / "history.jsonl" if master else None
-    if master and checkpoint is None:  # a fresh run starts a fresh history
+    history = Path(args.out_dir) / "history.jsonl" if rank == 0 else None
+    if rank == 0 and checkpoint is None:  # a fresh run starts a fresh history
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text("")
     if (args.open_gates or args.training_free) and checkpoint is None:
         for block in model.layers:  # the student starts as the exact softmax over its kept keys (the warm-up's
             block.self_attn.mechanism.open_gates()  # recall is measured so too; it trains no gate)
-    if args.estimator_iters and checkpoint is None:  # phase 1, before DDP copies rank 0's weights
-        warm_up_estimator(model, objective.teacher, train_tokens, val_tokens, args, device, master, history)
-        if args.estimator_overfit:
-            if master:
-                print(f"over-fit test done (no distillation, no checkpoint); its recall is in {history}")
-            if world > 1:
-                torch.distributed.destroy_process_group()
-            return None
-    if args.training_free:  # the warm-up was all: the teacher's weights, SEA's estimate, exact sparse softmax
-        if master:
-            save_checkpoint(ckpt_path, model, optimizer, 0, float("nan"), args)
-            print(f"training-free SEA (estimator warm-up only, gates open): saved {ckpt_path}")
-        return ckpt_path
-    ddp_objective = objective
-    if world > 1:
+    return Run(rank, world, device, model, objective, optimizer, checkpoint is not None, start_iter, best_val,
+               ckpt_path, history)
+
+
+def read_resumed_checkpoint(ckpt_path, args):
+    """--resume: the run's checkpoint, which must exist and leave iterations to train."""
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (check --out-dir)")
+    checkpoint = read_checkpoint(ckpt_path)
+    if checkpoint["iter"] >= args.max_iters:
+        raise ValueError(f"--resume: {ckpt_path} is at iteration {checkpoint['iter']}, so "
+                         f"--max-iters {args.max_iters} leaves nothing to train; raise --max-iters")
+    return checkpoint
+
+
+def load_text(split, args, model):
+    """A split's tokens in the model's tokenizer, long enough for one window."""
+    tokens = load_tokens(split, args.data_dir, args.cache_dir, model.config.tokenizer)
+    check_long_enough(tokens, args.block_size + 2, f"{split} split")
+    return tokens
+
+
+def finish(run, result):
+    if run.world > 1:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def optimize(run, train_tokens, val_tokens, args):
+    """The main phase: next-token training (a teacher) or distillation (a student), with validation,
+    checkpoints and the kept keys' recall every --eval-interval steps."""
+    model, optimizer = run.model, run.optimizer
+    objective = run.objective
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp_objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
-    generator = torch.Generator().manual_seed(args.seed + rank)
-    for _ in range(start_iter * args.grad_accum):  # a resumed run goes on with the windows it would have drawn
+        objective = DistributedDataParallel(objective, device_ids=[run.device.index] if run.device.type == "cuda"
+                                            else None)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=args.dtype == "float16")
+    generator = torch.Generator().manual_seed(args.seed + run.rank)
+    for _ in range(run.start_iter * args.grad_accum):  # a resumed run goes on with the windows it would have drawn
         get_batch(train_tokens, args.batch_size, args.block_size, generator, "cpu")
-    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world
-    if master:
+    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * run.world
+    if run.master:
         print(f"{args.method}: {model.num_params() / 1e6:.1f}M parameters, attn={model.config.attn}, "
-              f"{tokens_per_iter:,} tokens per iteration on {world} x {device} ({args.dtype})")
+              f"{tokens_per_iter:,} tokens per iteration on {run.world} x {run.device} ({args.dtype})")
         if args.method != "dense":
             print(recipe(args))
-
     model.train()
-    started = last_log = time.time()
-    for it in range(start_iter, args.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args) * group["lr_scale"]
-        for micro in range(args.grad_accum):
-            x, y = get_batch(train_tokens, args.batch_size, args.block_size, generator, device)
-            sync = micro == args.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else ddp_objective.no_sync()), autocast_context(device, args.dtype):
-                loss, terms = ddp_objective(x, y)
-            scaler.scale(loss / args.grad_accum).backward()
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
+    clock = dict(started=time.time(), last_log=time.time())
+    best_val = run.best_val
+    for it in range(run.start_iter, args.max_iters):
+        loss, terms = optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, run, args)
         done = it + 1
-        if master and (done % args.log_interval == 0 or done == args.max_iters):
-            now = time.time()
-            iters = done - max(start_iter, done - args.log_interval)
-            shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
-            print(f"iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
-                  f"lr {lr_at(it, args):.2e} | {iters * tokens_per_iter / (now - last_log):,.0f} tok/s | "
-                  f"{now - started:.0f}s{peak_memory(device)}", flush=True)
-            last_log = now
-        if master and (done % args.eval_interval == 0 or done == args.max_iters):
-            val = estimate_val_loss(model, val_tokens, args, device)
-            if not math.isfinite(val):  # a diverged run never overwrites a good checkpoint
-                raise ValueError(f"validation loss is {val} at iteration {done}: training diverged "
-                                 f"(try a lower --lr); {ckpt_path} was left as it was")
-            best_val = min(best_val, val)
-            save_checkpoint(ckpt_path, model, optimizer, done, best_val, args)
-            print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {ckpt_path}",
-                  flush=True)
-            stats = report_recall(model, objective.teacher, val_tokens, args, f"iter {done}")
-            record(history, phase=args.method, step=done, tokens=done * tokens_per_iter, val_loss=val, **stats)
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return ckpt_path
+        if run.master and (done % args.log_interval == 0 or done == args.max_iters):
+            log_step(done, loss, terms, lr_at(it, args), tokens_per_iter, clock, run, args)
+        if run.master and (done % args.eval_interval == 0 or done == args.max_iters):
+            best_val = validate(done, best_val, val_tokens, tokens_per_iter, run, args)
+
+
+def optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, run, args):
+    """One step of the optimizer over --grad-accum micro-batches; returns the last one's loss and terms."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(it, args) * group["lr_scale"]
+    for micro in range(args.grad_accum):
+        x, y = get_batch(train_tokens, args.batch_size, args.block_size, generator, run.device)
+        sync = micro == args.grad_accum - 1 or run.world == 1
+        with (nullcontext() if sync else objective.no_sync()), autocast_context(run.device, args.dtype):
+            loss, terms = objective(x, y)
+        scaler.scale(loss / args.grad_accum).backward()
+    if args.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, terms
+
+
+def log_step(done, loss, terms, lr, tokens_per_iter, clock, run, args):
+    now = time.time()
+    iters = done - max(run.start_iter, done - args.log_interval)
+    shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
+    print(f"iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
+          f"lr {lr:.2e} | {iters * tokens_per_iter / (now - clock['last_log']):,.0f} tok/s | "
+          f"{now - clock['started']:.0f}s{peak_memory(run.device)}", flush=True)
+    clock["last_log"] = now
+
+
+def validate(done, best_val, val_tokens, tokens_per_iter, run, args):
+    """The validation loss, a checkpoint and the kept keys' recall; returns the best validation loss so far."""
+    val = estimate_val_loss(run.model, val_tokens, args, run.device)
+    if not math.isfinite(val):  # a diverged run never overwrites a good checkpoint
+        raise ValueError(f"validation loss is {val} at iteration {done}: training diverged "
+                         f"(try a lower --lr); {run.ckpt_path} was left as it was")
+    best_val = min(best_val, val)
+    save_checkpoint(run.ckpt_path, run.model, run.optimizer, done, best_val, args)
+    print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {run.ckpt_path}", flush=True)
+    stats = report_recall(run.model, run.objective.teacher, val_tokens, args, f"iter {done}")
+    record(run.history, phase=args.method, step=done, tokens=done * tokens_per_iter, val_loss=val, **stats)
+    return best_val
 
 
 # -----------------------------------------------------------------------------
-# command line
+# the command line: every flag in one table, with its default, where it applies and its help
+
+class Where(NamedTuple):
+    """Where a flag applies: a test on the flags, and the same in words for the error when it does not."""
+    holds: Callable
+    words: str
+
+
+class Rule(NamedTuple):
+    """A default that depends on other flags: computed from them (those above it in FLAGS), said in words."""
+    of: Callable
+    words: str
+
+
+STUDENT = Where(lambda a: a.method != "dense", "the students (--method other than dense)")
+DENSE = Where(lambda a: a.method == "dense", "--method dense")
+SCRATCH = Where(lambda a: a.method == "dense" and not a.init_from, "a dense model trained from scratch "
+                                                                    "(--method dense without --init-from)")
+SEA_ONLY = Where(lambda a: a.method == "sea", "--method sea")
+WARM_UP = Where(lambda a: a.method == "sea" and a.estimator_iters > 0, "--method sea with --estimator-iters N")
+HEURISTIC = Where(lambda a: a.method == "sea-heuristic" or (a.method == "sea" and a.estimator == "residual"),
+                  "--method sea-heuristic, or sea with --estimator residual")
+BLOCKS = Where(lambda a: a.method in ("block-mean", "block-bound"), "--method block-mean or block-bound")
+REFORMER = Where(lambda a: a.method == "reformer", "--method reformer")
+GATED = Where(lambda a: a.method in GATED_KINDS, f"--method {', '.join(GATED_KINDS)}")
+EVERYWHERE = None
+
+
+def default_lr(args):
+    return 1e-4 if args.method != "dense" else 2e-5 if args.init_from else 1e-3
+
+
+def default_dtype(args):
+    if args.device == "cpu":
+        return "float32"
+    return "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float16"
+
+
+def default_out_dir(args):
+    source = args.teacher or args.init_from  # a student of a named pretrained model is named after it
+    named = source and not Path(source).exists()
+    return f"out/{args.method}-{source.replace('/', '-') if named else args.preset}"
+
+
+BASELINE = lambda args: args.method in OFFICIAL_BASELINES
+FLAGS = (  # (flag, default, where it applies, argparse's options); a rule reads only the flags above it
+    # what to train
+    ("--method", "dense", EVERYWHERE, dict(
+        choices=ATTENTION_KINDS, help="dense: train a teacher; the others distill a student from --teacher (window, "
+                                      "sink-window, block-*, sea-heuristic: SEA's controls; performer, reformer: "
+                                      "the paper's baselines)")),
+    ("--teacher", None, STUDENT, dict(help="is the students' teacher: a train.py checkpoint, a GGUF file, a Hugging "
+                                           "Face directory, a hub name, or smollm2-135m (fetched once)")),
+    ("--init-from", None, DENSE, dict(help="starts a dense model from a train.py checkpoint, a pretrained model "
+                                           "(smollm2-135m, a llama GGUF file), a Hugging Face directory or a hub "
+                                           "name (facebook/opt-125m)")),
+    ("--preset", "tiny", SCRATCH, dict(help=f"is the shape of a model trained from scratch: {sorted(PRESETS)}")),
+    ("--dropout", 0.0, SCRATCH, dict(type=float, help="is the dropout of a model trained from scratch")),
+    # the student's attention
+    ("--k", SEAConfig.k, STUDENT, dict(type=positive_int, help="sets the keys a query keeps per head: SEA and the "
+                                                                "controls on average over the heads; reformer's "
+                                                                "bucket size")),
+    ("--t-m", SEAConfig.t_m, STUDENT, dict(type=positive_int, help="sets T_M, the bins per row of SEA and the "
+                                                                    "controls")),
+    ("--nbf", Rule(lambda a: 1.0 if a.method == "performer" else SEAConfig.nbf, "1 for performer, else 8"), STUDENT,
+     dict(type=positive_float, help="sets the feature factor of SEA, the controls and performer: m = D ln D / nbf "
+                                       "features")),
+    ("--n-hashes", ReformerConfig.n_hashes, STUDENT, dict(type=positive_int, help="sets reformer's hash rounds")),
+    ("--official-chunks", False, REFORMER, dict(action="store_true", help="uses the official fixed chunks of the "
+                                                                         "sorted order (not strictly causal)")),
+    ("--estimator", SEAConfig.estimator, SEA_ONLY, dict(
+        choices=ESTIMATORS, help="chooses SEA's estimator: the paper's, or ours (residual), a learned residual on "
+                                 "a training-free estimate from the keys, which it equals before training")),
+    ("--block", SEAConfig.block, BLOCKS, dict(type=positive_int, help="sets the keys per block")),
+    ("--sub-bins", SEAConfig.sub_bins, HEURISTIC, dict(type=positive_int, help="sets the finer bins per bin of the "
+                                                                                "heuristic estimate")),
+    ("--sink-bin", False, SEA_ONLY, dict(action="store_true", help="makes every head of every row keep the bin "
+                                                                   "that holds key 0 (beyond the paper), within the "
+                                                                   "same budget")),
+    ("--open-gates", False, GATED, dict(action="store_true", help="starts the student as the exact softmax over its "
+                                                                  "kept keys (the paper starts the gates closed)")),
+    # the schedule
+    ("--max-iters", Rule(lambda a: 600 if a.method == "dense" else 250, "600 dense, 250 distilling"), EVERYWHERE,
+     dict(type=positive_int, help="optimizer steps")),
+    ("--lr", Rule(default_lr, "1e-3 from scratch, 2e-5 fine-tuning, 1e-4 distilling"), EVERYWHERE,
+     dict(type=positive_float, help="peak base learning rate")),
+    ("--min-lr", Rule(lambda a: a.lr / 10, "lr / 10"), EVERYWHERE, dict(type=non_negative_float,
+                                                                         help="final learning rate")),
+    ("--warmup-iters", Rule(lambda a: a.max_iters // 12, "max-iters / 12"), EVERYWHERE,
+     dict(type=non_negative_int, help="steps of linear learning-rate warm-up")),
+    ("--weight-decay", 0.1, EVERYWHERE, dict(type=non_negative_float, help="AdamW's, on 2-D weights")),
+    ("--grad-clip", 1.0, EVERYWHERE, dict(type=non_negative_float, help="gradient norm clip (0: none)")),
+    ("--copied-lr-scale", Rule(lambda a: 1.0 if BASELINE(a) else 0.2, "1.0 for performer and reformer, their "
+                                                                       "official recipe; else 0.2"), STUDENT,
+     dict(type=non_negative_float, help="scales the learning rate of the weights copied from the teacher")),
+    ("--attention-terms", Rule(lambda a: not BASELINE(a), "on; off for performer and reformer, as their official "
+                                                          "code trains them"), STUDENT,
+     dict(action=argparse.BooleanOptionalAction, help="adds the per-layer attention terms to the loss")),
+    ("--estimator-iters", 0, SEA_ONLY, dict(type=non_negative_int, help="first trains SEA's estimator alone for this "
+                                                                         "many steps (0: off)")),
+    ("--estimator-lr", Rule(lambda a: 10 * a.lr, "10 x lr"), WARM_UP, dict(type=positive_float,
+                                                                           help="is the warm-up's learning rate")),
+    ("--training-free", False, WARM_UP, dict(action="store_true", help="saves SEA after its estimator warm-up, gates "
+                                                                       "open, with no distillation")),
+    ("--estimator-overfit", False, WARM_UP, dict(action="store_true", help="trains the warm-up on the very "
+                                                                           "validation windows its recall is "
+                                                                           "measured on, then stops (a diagnostic)")),
+    # data, batches, validation
+    ("--data-dir", None, EVERYWHERE, dict(help=f"WikiText-2 folder (default ${DATA_ENV}, else download)")),
+    ("--cache-dir", None, EVERYWHERE, dict(help="token and download cache (default $SEA_CACHE_DIR or .cache/)")),
+    ("--block-size", None, EVERYWHERE, dict(type=positive_int, help="training sequence length (default: the "
+                                                                    "model's)")),
+    ("--batch-size", 8, EVERYWHERE, dict(type=positive_int, help="sequences per micro-batch")),
+    ("--grad-accum", 1, EVERYWHERE, dict(type=positive_int, help="micro-batches per optimizer step")),
+    ("--eval-interval", Rule(lambda a: -(-a.max_iters // 3), "a third of max-iters, then the end"), EVERYWHERE,
+     dict(type=positive_int, help="steps between validations")),
+    ("--eval-iters", 20, EVERYWHERE, dict(type=positive_int, help="batches per validation")),
+    ("--log-interval", 10, EVERYWHERE, dict(type=positive_int, help="steps between log lines")),
+    # where it runs
+    ("--out-dir", Rule(default_out_dir, "out/<method>-<preset>, or out/<method>-<name> for a student of a named "
+                                        "pretrained model"), EVERYWHERE, dict(help="where ckpt.pt goes")),
+    ("--resume", False, EVERYWHERE, dict(action="store_true", help="continue from <out-dir>/ckpt.pt")),
+    ("--device", "cuda" if torch.cuda.is_available() else "cpu", EVERYWHERE,
+     dict(type=available_device, help="where to run")),
+    ("--dtype", Rule(default_dtype, "float32 on a CPU, where bfloat16 ran 5x slower on SmolLM2; bfloat16 on "
+                                    "capable GPUs, else float16"), EVERYWHERE,
+     dict(choices=["float32", "bfloat16", "float16"], help="autocast dtype")),
+    ("--seed", 1337, EVERYWHERE, dict(type=int, help="random seed")),
+)
+
+
+def dest(flag):
+    return flag[2:].replace("-", "_")
+
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=ATTENTION_KINDS, default="dense",
-                   help="dense: train a teacher; the others distill a student from --teacher (window, "
-                        "sink-window: SEA's controls; performer, reformer: the paper's baselines)")
-    p.add_argument("--teacher", help="teacher for the students: a train.py checkpoint, a GGUF file, a Hugging "
-                                     "Face directory, a hub name, or smollm2-135m (fetched once)")
-    p.add_argument("--k", type=positive_int, default=SEAConfig.k,
-                   help="SEA/window: kept keys per query per head, on average over the heads (SEA's budget "
-                        "is shared by them); reformer: the bucket size")
-    p.add_argument("--t-m", type=positive_int, default=SEAConfig.t_m,
-                   help="SEA: T_M, the predictor length: bins per compressed attention row")
-    p.add_argument("--nbf", type=positive_float, help="SEA/window/performer: feature factor, "
-                                                       "m = D ln D / nbf features (default 8; performer 1)")
-    p.add_argument("--n-hashes", type=positive_int, default=ReformerConfig.n_hashes, help="reformer: hash rounds")
-    p.add_argument("--official-chunks", action="store_true",
-                   help="reformer: the official fixed chunks of the sorted order (not strictly causal)")
-    p.add_argument("--copied-lr-scale", type=non_negative_float,
-                   help="learning-rate factor of the weights copied from the teacher (default 0.2; "
-                        "the official performer/reformer recipe 1.0)")
-    p.add_argument("--attention-terms", action=argparse.BooleanOptionalAction,
-                   help="the per-layer attention loss terms (default on; off for performer/reformer, "
-                        "as the official code trains them)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default=SEAConfig.estimator,
-                   help="SEA: the paper's estimator, or ours (residual): a learned residual on a training-free "
-                        "estimate from the keys, which it equals before training")
-    p.add_argument("--block", type=positive_int, default=SEAConfig.block,
-                   help="block-mean, block-bound: keys per block")
-    p.add_argument("--sub-bins", type=positive_int, default=SEAConfig.sub_bins,
-                   help="sea --estimator residual, sea-heuristic: finer bins per bin of the heuristic estimate")
-    p.add_argument("--sink-bin", action="store_true",
-                   help="SEA, beyond the paper: every head of every row keeps the bin that holds key 0 (the "
-                        "attention sink of pretrained models), within the same budget")
-    p.add_argument("--estimator-iters", type=non_negative_int, default=0,
-                   help="SEA: first train the estimator alone for this many steps (0 = off)")
-    p.add_argument("--estimator-lr", type=positive_float,
-                   help="SEA: learning rate of the estimator warm-up (default 10 x --lr)")
-    p.add_argument("--training-free", action="store_true",
-                   help="sea: stop after the estimator warm-up and save the student with its gates open (the "
-                        "teacher's weights, SEA's choice of keys, exact softmax over them); no distillation")
-    p.add_argument("--open-gates", action="store_true",
-                   help=f"{'/'.join(GATED_KINDS)}: distill from open gates, the student starting as the exact "
-                        "softmax over its kept keys (for a pretrained teacher; the paper starts them closed)")
-    p.add_argument("--estimator-overfit", action="store_true",
-                   help="SEA, the over-fit test: the warm-up trains on the very validation windows its "
-                        "recall is measured on, then the run stops (no distillation, no checkpoint)")
-    p.add_argument("--preset", default="tiny", help=f"model shape for training from scratch: {sorted(PRESETS)}")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout of a model trained from scratch")
-    p.add_argument("--init-from", help="start from a train.py checkpoint, a pretrained model (smollm2-135m, a "
-                                       "llama GGUF file), a Hugging Face directory "
-                                       "or a hub name (facebook/opt-125m)")
-    p.add_argument("--out-dir", help="where ckpt.pt goes (default out/<method>-<preset>, or "
-                                     "out/<method>-<name> for a student of a named pretrained model)")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--data-dir", help=f"WikiText-2 folder (default ${DATA_ENV}, else download)")
-    p.add_argument("--cache-dir", help="token and download cache (default $SEA_CACHE_DIR or .cache/)")
-    p.add_argument("--block-size", type=positive_int, help="training sequence length (default: the model's)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-iters", type=positive_int, help="optimizer steps (default 600 dense, 250 distilling)")
-    p.add_argument("--lr", type=positive_float, help="peak base learning rate (default 1e-3 from scratch, "
-                                            "2e-5 fine-tuning, 1e-4 distilling)")
-    p.add_argument("--min-lr", type=non_negative_float, help="final learning rate (default lr / 10)")
-    p.add_argument("--warmup-iters", type=non_negative_int, help="default max-iters / 12")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
-    p.add_argument("--grad-clip", type=non_negative_float, default=1.0)
-    p.add_argument("--eval-interval", type=positive_int, help="iterations between validation losses "
-                                                     "(default max-iters / 3, then at the end)")
-    p.add_argument("--eval-iters", type=positive_int, default=20)
-    p.add_argument("--log-interval", type=positive_int, default=10)
-    p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype (default float32 on CPU, where bfloat16 ran 5x slower on "
-                        "SmolLM2; bfloat16 on capable GPUs, else float16)")
-    p.add_argument("--seed", type=int, default=1337)
-    args = p.parse_args(argv)
-    return fill_defaults(args, p)
+    """The command line -> the flags of a run (settle): every default filled in, every combination checked."""
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, default, _, options in FLAGS:
+        shown = default.words if isinstance(default, Rule) else default
+        help_text = options.get("help", "") + ("" if shown is None or shown is False else f" (default {shown})")
+        parser.add_argument(flag, **dict(options, default=None, help=help_text))
+    try:
+        return settle(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
 
 
-def fill_defaults(args, parser):
+def settle(**given):
+    """The flags given (None: not given; a flag's name with underscores) -> the run's flags, a Namespace: the
+    defaults of FLAGS filled in; a flag given where it does not apply, or a bad combination, a ValueError."""
+    known = {dest(flag) for flag, *_ in FLAGS}
+    if unknown := set(given) - known:
+        raise ValueError(f"unknown flags {sorted(unknown)}")
+    args = argparse.Namespace(**{name: given.get(name) for name in known})
+    for flag, default, _, _ in FLAGS:  # plain defaults first: the rules and the places read them
+        if getattr(args, dest(flag)) is None and not isinstance(default, Rule):
+            setattr(args, dest(flag), default)
+    for flag, default, where, options in FLAGS:
+        if given.get(dest(flag)) is not None and where is not None and not where.holds(args):
+            raise ValueError(f"{flag} {options['help'].split(':')[0]}; it applies to {where.words} only")
+        if getattr(args, dest(flag)) is None and isinstance(default, Rule):
+            setattr(args, dest(flag), default.of(args))
+    check_combination(args)
+    return args
+
+
+def check_combination(args):
+    """What one flag's place cannot say: a student needs a teacher, files must exist, values must fit."""
+    if args.method != "dense" and not args.teacher:
+        raise ValueError(f"--method {args.method} distills from a teacher: pass --teacher "
+                         f"(e.g. out/dense-tiny/ckpt.pt from 'python train.py --method dense')")
     if args.preset not in PRESETS:
-        parser.error(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
     for flag in ("init_from", "teacher"):
         path = getattr(args, flag)
         if path and not (Path(path).exists() or is_pretrained_source(path)):
-            parser.error(f"--{flag.replace('_', '-')} {path}: no such file or directory")
-    if args.method != "dense" and not args.teacher:
-        parser.error(f"--method {args.method} distills from a teacher: pass --teacher "
-                     f"(e.g. out/dense-tiny/ckpt.pt from 'python train.py --method dense')")
-    if args.method == "dense" and args.teacher:
-        parser.error("--teacher is for the students (--method sea/window/performer); a dense model "
-                     "starts from --init-from")
-    baseline = args.method in OFFICIAL_BASELINES
-    args.nbf = args.nbf or (1.0 if args.method == "performer" else SEAConfig.nbf)
-    args.copied_lr_scale = args.copied_lr_scale if args.copied_lr_scale is not None else (1.0 if baseline else 0.2)
-    args.attention_terms = args.attention_terms if args.attention_terms is not None else not baseline
-    try:
-        sea_config(args)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.sink_bin and args.method != "sea":
-        parser.error("--sink-bin changes SEA's choice of bins: use it with --method sea")
-    if args.estimator != SEAConfig.estimator and args.method != "sea":
-        parser.error(f"--estimator chooses SEA's estimator: use it with --method sea, not {args.method}")
-    if args.estimator_iters and args.method != "sea":
-        parser.error("--estimator-iters warms up SEA's estimator: use it with --method sea")
-    if args.training_free and not (args.method == "sea" and args.estimator_iters):
-        parser.error("--training-free saves SEA after its estimator warm-up: use it with --method sea "
-                     "--estimator-iters N")
-    if args.open_gates and args.method not in GATED_KINDS:
-        parser.error(f"--open-gates opens the gates of {', '.join(GATED_KINDS)}; --method {args.method} has none")
-    if args.estimator_overfit and not args.estimator_iters:
-        parser.error("--estimator-overfit trains the warm-up on fixed windows: give it --estimator-iters N")
-    source = args.teacher or args.init_from  # a student of a named pretrained model is named after it
-    named = source and not Path(source).exists()
-    args.out_dir = args.out_dir or f"out/{args.method}-{source.replace('/', '-') if named else args.preset}"
-    args.max_iters = args.max_iters or (600 if args.method == "dense" else 250)
-    args.warmup_iters = args.warmup_iters if args.warmup_iters is not None else args.max_iters // 12
-    args.eval_interval = args.eval_interval or -(-args.max_iters // 3)  # ceil: thirds, then the end
-    default_lr = 1e-4 if args.method != "dense" else 2e-5 if args.init_from else 1e-3
-    args.lr = args.lr or default_lr
-    args.min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
-    args.estimator_lr = args.estimator_lr or 10 * args.lr
-    if args.dtype is None:
-        cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        args.dtype = "float32" if args.device == "cpu" else "bfloat16" if cuda_bf16 else "float16"
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
     if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout {args.dropout} must be in [0, 1)")
-    return args
+        raise ValueError(f"--dropout {args.dropout} must be in [0, 1)")
+    sea_config(args)  # SEAConfig's own checks
+
+
+def as_command(flags):
+    """The train.py command line of `flags` (a dict as settle takes)."""
+    words = []
+    for name, value in flags.items():
+        words += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return "python train.py " + " ".join(words)
 
 
 # -----------------------------------------------------------------------------
@@ -623,24 +740,25 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, 
     perplexity of the first `windows` windows and late-row recall, as a table, JSON and pictures."""
     started = time.time()
     step = lambda text: print(f"== {text}  [{time.time() - started:.0f}s]", flush=True)
-    knobs = ["--teacher", source, "--block-size", str(block_size), "--k", str(k),
-             "--t-m", str(t_m)]
+    knobs = dict(teacher=source, block_size=block_size, k=k, t_m=t_m)
+    warm_ups = {name: dict(method="sea", **knobs, estimator=estimator, training_free=True,
+                           estimator_iters=warm_up_steps, estimator_lr=3e-3, batch_size=1,
+                           out_dir=f"{out_dir}/sea-{estimator}")
+                for name, estimator in (("sea, residual", "residual"), ("sea, paper's", "paper"))}
+    runs = {name: settle(**flags) for name, flags in warm_ups.items()}  # every flag checked before anything runs
+    device = runs["sea, residual"].device
     step(f"1/4 the teacher: {source}")
     teacher = load_model(source).eval()
     tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
-    device = parse_args(["--method", "sea", *knobs]).device
     measure = lambda model, teacher_ppl=None: evaluate.describe(
         model.to(device), teacher if teacher_ppl else None, tokens, block_size, 1, device, "float32",
         teacher_ppl, max_windows=windows)
     rows = {"dense teacher": dict(measure(teacher.to(device)), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
     students = {}
-    for number, (name, estimator) in enumerate((("sea, residual", "residual"), ("sea, paper's", "paper")), start=2):
-        command = ["--method", "sea", *knobs, "--estimator", estimator, "--training-free", "--estimator-iters",
-                   str(warm_up_steps), "--estimator-lr", "3e-3", "--batch-size", "1",
-                   "--out-dir", f"{out_dir}/sea-{estimator}"]
-        step(f"{number}/4 {name}: python train.py {' '.join(command)}")
-        students[name] = Decoder.from_checkpoint(train(parse_args(command)))
+    for number, name in enumerate(runs, start=2):
+        step(f"{number}/4 {name}: {as_command(warm_ups[name])}")
+        students[name] = Decoder.from_checkpoint(train(runs[name]))
         rows[name] = measure(students[name], teacher_ppl)
     step(f"4/4 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
     for kind in DEMO_SWAPS:
@@ -657,7 +775,7 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, 
           f"first {evaluate.RECALL_WINDOWS} windows); the other columns keep as many keys per (head, row): the "
           f"most recent, the first {SEAConfig.sinks} plus the most recent, SEA's bins chosen by the teacher's "
           f"mass, the teacher's own top keys")
-    evaluate.write_records(rows, f"{out_dir}/table.json")
+    write_records(rows, f"{out_dir}/table.json")
     evaluate.plot_attention(students["sea, residual"], teacher, tokens, block_size, f"{out_dir}/attention.png")
     evaluate.plot_layer_recall(rows, f"{out_dir}/recall-per-layer.png")
     return rows

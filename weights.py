@@ -25,23 +25,23 @@ from pathlib import Path
 
 import torch
 
-from data import (PRETRAINED, REQUIRED, bytes_to_unicode, default_cache_dir, fetch_pretrained, get_tokenizer, gguf_field,
-                  read_gguf)
+from data import (PRETRAINED, REQUIRED, bytes_to_unicode, default_cache_dir, fetch_pretrained, get_tokenizer,
+                  gguf_field, gguf_tensors, read_gguf)
 
 GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 LLAMA_FAMILY = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, pre_ln=True)
 
 
-def read_pretrained(name_or_path, cache_dir=None):
+def read_pretrained(name_or_path):
     """(config fields, state dict) of a PRETRAINED name, a GGUF file, a Hugging Face directory or a hub name."""
     if str(name_or_path) in PRETRAINED:
         name = str(name_or_path)
-        return read_gguf_model(fetch_pretrained(name, cache_dir), tokenizer=name)
+        return read_gguf_model(fetch_pretrained(name), tokenizer=name)
     path = Path(name_or_path)
     if path.is_file():
         return read_gguf_model(path)
     if is_hub_name(name_or_path):
-        path = download_hf_checkpoint(str(name_or_path), cache_dir)
+        path = download_hf_checkpoint(str(name_or_path))
     elif not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory (pass a GGUF file, a Hugging Face "
                                 f"directory, a hub name such as facebook/opt-125m, or one of {sorted(PRETRAINED)})")
@@ -92,9 +92,7 @@ def read_gguf_model(path, tokenizer=None, adjacent_rotary_pairs=False):
     if rotary_dims != head_dim:
         raise ValueError(f"{path}: rotary positions on {rotary_dims} of {head_dim} head dims are not supported "
                          f"(all of them are)")
-    state = {}
-    for tensor in reader.tensors:
-        state[gguf_tensor_name(tensor.name, path)] = dequantize(tensor, path)
+    state = {gguf_tensor_name(name, path): tensor for name, tensor in gguf_tensors(reader, path)}
     if not adjacent_rotary_pairs:
         for name in list(state):
             if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
@@ -117,19 +115,6 @@ def gguf_tensor_name(name, path):
         raise ValueError(f"{path}: tensor {name!r} is not part of a llama model this project knows")
     layer, part = match.groups()
     return (f"layers.{layer}." if layer is not None else "") + GGUF_NAMES[part] + ".weight"
-
-
-def dequantize(tensor, path):
-    """One GGUF tensor as a float32 torch tensor in PyTorch's layout (rows, columns)."""
-    from gguf import GGMLQuantizationType, quants
-    try:
-        values = quants.dequantize(tensor.data, tensor.tensor_type)
-    except (NotImplementedError, ValueError, KeyError) as e:
-        kind = GGMLQuantizationType(tensor.tensor_type).name
-        raise ValueError(f"{path}: tensor {tensor.name} is of type {kind}, which the gguf package cannot "
-                         f"dequantize ({e})") from None
-    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest-moving dim first
-    return torch.from_numpy(values.astype("float32", copy=False).reshape(shape).copy())
 
 
 def halves_from_adjacent_pairs(weight, n_head):
@@ -216,9 +201,9 @@ def read_hf_llama(directory, hf):
 HF_FILES_URL = "https://huggingface.co/{name}/resolve/main/{file}"
 
 
-def download_hf_checkpoint(name, cache_dir=None):
+def download_hf_checkpoint(name):
     """Fetch config.json, the weights and the vocabulary (vocab.json for OPT, tokenizer.json for llama)."""
-    directory = Path(cache_dir or default_cache_dir()) / "hf" / name.replace("/", "--")
+    directory = default_cache_dir() / "hf" / name.replace("/", "--")
     directory.mkdir(parents=True, exist_ok=True)
     download(name, directory, ("config.json",))
     llama = json.loads((directory / "config.json").read_text()).get("model_type") == "llama"

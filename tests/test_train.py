@@ -65,3 +65,41 @@ def test_torchrun_two_processes_gloo(wikitext, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
     assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["iter"] == 4
+
+
+@pytest.mark.parametrize("flags,named,where", [
+    (["--method", "sea", "--teacher", "{teacher}", "--dropout", "0.1"], "--dropout", "a dense model trained from"),
+    (["--method", "sea", "--teacher", "{teacher}", "--preset", "opt-125m"], "--preset", "a dense model trained from"),
+    (["--init-from", "{teacher}", "--preset", "tiny"], "--preset", "a dense model trained from scratch"),
+    (["--method", "window", "--teacher", "{teacher}", "--sink-bin"], "--sink-bin", "--method sea"),
+    (["--method", "performer", "--teacher", "{teacher}", "--block", "8"], "--block", "block-mean or block-bound"),
+    (["--method", "sea", "--teacher", "{teacher}", "--sub-bins", "2"], "--sub-bins", "--estimator residual"),
+    (["--method", "sea", "--teacher", "{teacher}", "--official-chunks"], "--official-chunks", "--method reformer"),
+    (["--method", "performer", "--teacher", "{teacher}", "--open-gates"], "--open-gates", "--method sea"),
+    (["--method", "sea", "--teacher", "{teacher}", "--estimator-lr", "1e-3"], "--estimator-lr", "--estimator-iters N"),
+    (["--method", "dense", "--k", "8"], "--k", "the students"),
+    (["--method", "dense", "--no-attention-terms"], "--attention-terms", "the students"),
+])
+def test_a_flag_that_does_not_apply_is_an_error(tmp_path, capsys, flags, named, where):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"")  # only its path is checked before the error
+    with pytest.raises(SystemExit):
+        train.main([flag.format(teacher=teacher) for flag in flags])
+    said = capsys.readouterr().err
+    assert said.startswith(f"error: {named} ") and "it applies to" in said and where in said
+    assert len(said.strip().splitlines()) == 1
+
+
+def test_every_default_is_in_the_one_table_and_in_the_help():
+    args = train.settle(method="sea", teacher="smollm2-135m", estimator_iters=3)
+    assert (args.lr, args.min_lr, args.estimator_lr, args.max_iters, args.warmup_iters, args.eval_interval) == (
+        1e-4, 1e-5, 1e-3, 250, 20, 84)
+    assert (args.nbf, args.copied_lr_scale, args.attention_terms) == (8, 0.2, True)
+    assert args.out_dir == "out/sea-smollm2-135m"
+    baseline = train.settle(method="performer", teacher="smollm2-135m")
+    assert (baseline.nbf, baseline.copied_lr_scale, baseline.attention_terms) == (1.0, 1.0, False)
+    with pytest.raises(ValueError, match="unknown flags"):
+        train.settle(method="sea", teacher="smollm2-135m", learning_rate=1e-3)
+    help_text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout
+    assert "(default 600 dense, 250 distilling)" in help_text and "(default 10 x lr)" in help_text
