@@ -22,7 +22,7 @@ a head of that row on average (window_widths); SEA and sea-heuristic share that 
 import torch
 import torch.nn.functional as F
 
-from sea import (GatedSparseAttention, KeptKeys, KeyRanges, bin_mass, causal_mask, estimated_bin_shares,
+from sea import (GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask, estimated_bin_shares,
                  exact_attention, full_precision, grouped_matmul, grouped_topk, heuristic_bin_scores, row_budget)
 
 
@@ -124,7 +124,7 @@ class HeuristicBinAttention(GatedSparseAttention):
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
         bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
-        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins)
+        return KeptBins(bins, rows), dict(kept_bins=bins)
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class PerfectEstimateAttention(GatedSparseAttention):
 
     def choose_keys(self, q, k, e, rows, key_prefix):
         bins = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
-        return KeptKeys.of_bins(bins, rows), dict(kept_bins=bins)
+        return KeptBins(bins, rows), dict(kept_bins=bins)
 
 
 class OracleAttention(GatedSparseAttention):

@@ -338,20 +338,7 @@ def grouped_topk(p_hat, rows, keys_per_head):
 
 
 # -----------------------------------------------------------------------------
-# step 6: decompress, kept bins -> key ranges; the two forms of the kept keys
-
-def decompress(keep, rows):
-    """Step 6: kept bins -> key ranges, one per kept (batch, head, row, bin) cell.
-
-    keep (B, H, R, T_M) bool, rows (R,) the query positions. Returns 1-D tensors b, h, r
-    (r indexes the chunk, 0..R-1) and the cell's keys [start, start + length). Cells of
-    one (batch, head, row) are contiguous and in key order: the FlatCSR of the paper.
-    """
-    edges = bin_edges(rows, keep.size(-1))
-    widths = edges.diff(dim=1)
-    b, h, r, c = (keep & (widths > 0)).nonzero(as_tuple=True)  # short rows' empty bins: skipped
-    return b, h, r, edges[r, c], widths[r, c]
-
+# step 6: decompress, the kept bins (step 5's form of the kept keys) -> key ranges (step 7's)
 
 class KeptBins(NamedTuple):
     """Step 5's answer, SEA's form of the kept keys: the bins each head keeps in each row, bins (B, H, R, T_M)
@@ -367,6 +354,26 @@ class KeptBins(NamedTuple):
     def per_head(self):
         """(B, H, R): how many keys each head keeps in each row."""
         return (self.bins * bin_widths(self.rows, self.bins.size(-1))).sum(-1)
+
+
+def decompress(keep, rows):
+    """Step 6: kept bins -> key ranges, one per kept (batch, head, row, bin) cell.
+
+    keep (B, H, R, T_M) bool, rows (R,) the query positions. Returns 1-D tensors b, h, r
+    (r indexes the chunk, 0..R-1) and the cell's keys [start, start + length). Cells of
+    one (batch, head, row) are contiguous and in key order: the FlatCSR of the paper.
+    """
+    edges = bin_edges(rows, keep.size(-1))
+    widths = edges.diff(dim=1)
+    b, h, r, c = (keep & (widths > 0)).nonzero(as_tuple=True)  # short rows' empty bins: skipped
+    return b, h, r, edges[r, c], widths[r, c]
+
+
+def key_ranges(kept):
+    """Step 6 where it is needed: the KeyRanges of kept keys in either form."""
+    if isinstance(kept, KeyRanges):
+        return kept
+    return KeyRanges(tuple(kept.bins.shape[:3]), *decompress(kept.bins, kept.rows))
 
 
 class KeyRanges(NamedTuple):
@@ -392,13 +399,6 @@ class KeyRanges(NamedTuple):
     def per_head(self):
         """(B, H, R): how many keys each head keeps in each row."""
         return self.length.new_zeros(self.shape).index_put_((self.b, self.h, self.r), self.length, accumulate=True)
-
-
-def key_ranges(kept):
-    """Step 6 where it is needed: the KeyRanges of kept keys in either form."""
-    if isinstance(kept, KeyRanges):
-        return kept
-    return KeyRanges(tuple(kept.bins.shape[:3]), *decompress(kept.bins, kept.rows))
 
 
 class KeptKeys:
