@@ -210,10 +210,15 @@ def rotary_angles(positions, head_dim, base):
 
 def rotate(x, rotary):
     """x (B, H, T, D) turned by the (cos, sin) of its positions, pair (i, i + D/2) by pair:
-    x cos + [-x2, x1] sin, with two new tensors of x's size (a 32k prompt's queries are 75 MB a layer)."""
+    x cos + [-x2, x1] sin, built in one new tensor of x's size with half-size products beside it (a 32k
+    prompt's queries are 75 MB a layer), in the same rounding as the formula written out."""
     cos, sin = (t.to(x.dtype) for t in rotary)  # (T, D)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1).mul_(sin).add_(x * cos)
+    half = x.size(-1) // 2
+    first, second = x[..., :half], x[..., half:]
+    out = x * cos
+    out[..., :half] -= second * sin[:, :half]
+    out[..., half:] += first * sin[:, half:]
+    return out
 
 
 class Attention(nn.Module):
