@@ -283,8 +283,7 @@ def time_decoding(preset, method, context, new_tokens, device, dtype):
     prompt = torch.randint(0, config.vocab_size, (1, context), device=device)
     caches = [LayerCache(capacity=context + new_tokens) for _ in model.layers]
     # the last position's logits only, as generation needs: a 32k prompt's every logit would be 6 GB
-    step = lambda tokens, caches=caches: model.forward_internals(tokens, need_hidden=False, need_layers=False,
-                                                                 logits="last", caches=caches)[0]
+    step = lambda tokens, caches=caches: model.next_logits(tokens, caches)
     with autocast_context(device, dtype):
         step(prompt[:, :64], None)  # warm-up
         synchronize()
@@ -408,8 +407,7 @@ def profile_decoding(lengths, new_tokens=8, n_layer=2, top=8):
                                           block_size=max(8192, length + new_tokens + 1))
             model = Decoder(config).eval()
             caches = [LayerCache(capacity=length + new_tokens + 1) for _ in model.layers]
-            step = lambda tokens: model.forward_internals(tokens, need_hidden=False, need_layers=False,
-                                                          logits="last", caches=caches)[0].argmax(-1)
+            step = lambda tokens: model.next_logits(tokens, caches).argmax(-1)
             with torch.no_grad():
                 token = step(torch.randint(0, config.vocab_size, (1, length)))
                 with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -118,6 +118,7 @@ def sparse_attention_blocks_kernel(
             kept = tl.load(Keep + (bh * R + rows) * T_M + c, mask=row_valid, other=0) != 0  # (BLOCK_M,)
             start = bin_start(c, block_first, T_M)  # bin edges grow with the row
             end = bin_start(c + 1, block_last, T_M)
+            row_start, row_end = bin_start(c, i, T_M), bin_start(c + 1, i, T_M)  # (BLOCK_M,) each row's bin c
             for n in range(start, end, BLOCK_N):
                 j = n + tl.arange(0, BLOCK_N)
                 k = tl.load(K + j[:, None] * D + d[None, :], mask=(j < end)[:, None], other=0.0)
@@ -125,8 +126,7 @@ def sparse_attention_blocks_kernel(
                 if UPCAST:
                     k, v = k.to(tl.float32), v.to(tl.float32)
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)  # (BLOCK_M, BLOCK_N)
-                in_bin = (j[None, :] >= bin_start(c, i[:, None], T_M)) & (j[None, :] < bin_start(c + 1, i[:, None],
-                                                                                            T_M))
+                in_bin = (j[None, :] >= row_start[:, None]) & (j[None, :] < row_end[:, None])
                 visible = in_bin & kept[:, None] & (j[None, :] <= i[:, None]) & (j[None, :] < end)
                 scores = tl.where(visible, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from reformer import LSHAttention, ReformerConfig
 from controls import ANALYSIS, CONTROLS
 from performer import PerformerAttention
-from sea import (GrowingRows, SEAAttention, SEAConfig, causal_mask, exact_attention,
-                 grouped_matmul)
+from sea import GrowingRows, SEAAttention, SEAConfig, causal_mask, exact_attention, grouped_matmul
 from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
@@ -160,10 +159,9 @@ class DenseAttention(nn.Module):
         every position so far (B, H_kv, row0 + R, D). Nothing to keep but those: state stays None."""
         if row0 == 0:  # a prompt into an empty cache: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=grouped(q, k)), None
-        # one new row sees every key: no mask (with one, SDPA on a CPU falls back to a path that copies
-        # shared key/value heads per query head)
-        rows = torch.arange(row0, k.size(2), device=q.device)
-        visible = None if q.size(2) == 1 else causal_mask(rows, k.size(2))
+        visible = None  # one new row sees every key: no mask (with one, SDPA on a CPU takes a path that copies
+        if q.size(2) > 1:  # the shared key/value heads per query head)
+            visible = causal_mask(torch.arange(row0, k.size(2), device=q.device), k.size(2))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1.0, enable_gqa=grouped(q, k)), None
 
 
@@ -227,7 +225,7 @@ class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.head_dim = config.head_dim
         C, kv_width = config.n_embd, config.kv_heads * config.head_dim
         self.q_proj = nn.Linear(C, C, bias=config.bias)
         self.k_proj = nn.Linear(C, kv_width, bias=config.bias)
@@ -270,13 +268,15 @@ class Block(nn.Module):
         super().__init__()
         self.pre_ln = config.pre_ln
         self.self_attn = Attention(config)
-        self.self_attn_layer_norm = make_norm(config, config.n_embd)  # the norm of the attention sublayer (OPT's name)
+        # the norms' names are OPT's, the keys of every checkpoint: self_attn_layer_norm is the attention
+        # sublayer's norm, final_layer_norm the MLP sublayer's (llama's post_attention_layernorm)
+        self.self_attn_layer_norm = make_norm(config, config.n_embd)
         self.fc1 = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
         self.fc_gate = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias) if config.mlp == "swiglu" else None
         self.fc2 = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
-        self.final_layer_norm = make_norm(config, config.n_embd)  # the norm of the MLP sublayer (OPT's name; llama's
-        self.dropout = nn.Dropout(config.dropout)               # post_attention_layernorm); the names are the keys of
-                                                                # checkpoints and of the Hugging Face OPT files
+        self.final_layer_norm = make_norm(config, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
     MLP_ROWS = 4096  # positions per piece of the MLP without a graph: bounds its (positions x ffn_dim) activations
 
     def mlp(self, h):
@@ -399,6 +399,11 @@ class Decoder(nn.Module):
         output = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, output), hidden_states, layers
 
+    def next_logits(self, tokens, caches):
+        """The last position's logits (B, 1, vocab) of `tokens`, which follow the positions already in `caches`
+        (one LayerCache per layer, or None for none): one step of generation, a prompt or a new token."""
+        return self.forward_internals(tokens, need_hidden=False, need_layers=False, logits="last", caches=caches)[0]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """Continue idx (B, T) by sampled tokens, nanoGPT's way (top_k=1 is greedy decoding).
@@ -420,8 +425,7 @@ class Decoder(nn.Module):
         caches = [LayerCache(capacity=idx.size(1) + new_tokens) for _ in self.layers]
         tokens = idx
         for _ in range(new_tokens):
-            logits = self.forward_internals(tokens, need_hidden=False, need_layers=False, logits="last",
-                                            caches=caches)[0]
+            logits = self.next_logits(tokens, caches)
             tokens = sample_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
             idx = torch.cat([idx, tokens], dim=1)
         return idx

@@ -60,6 +60,11 @@ def setup_distributed(device_flag):
 OFFICIAL_BASELINES = ("performer", "reformer")  # trained with the official code's own recipe by default
 GATED_KINDS = ("sea", *CONTROLS)  # sparse attention with SEA's gates (open_gates)
 
+
+def is_official_baseline(args):
+    return args.method in OFFICIAL_BASELINES
+
+
 def build_student(args):
     """The model to train: fresh, from a checkpoint, or a copy of the teacher with new attention."""
     if args.method == "dense":
@@ -81,7 +86,7 @@ def recipe(args):
     knobs = {"reformer": f"buckets of {args.k}, {args.n_hashes} hash rounds"
                          + (", official chunks" if args.official_chunks else ""),
              "performer": f"nbf {args.nbf:g}"}.get(args.method, f"k {args.k}, T_M {args.t_m}, nbf {args.nbf:g}")
-    official = args.method in OFFICIAL_BASELINES and args.copied_lr_scale == 1.0 and not args.attention_terms
+    official = is_official_baseline(args) and args.copied_lr_scale == 1.0 and not args.attention_terms
     return (f"recipe{' (the official ' + args.method + ' baseline)' if official else ''}: {knobs}; "
             f"new attention parameters x10, copied weights x{args.copied_lr_scale:g}; loss {loss}")
 
@@ -578,7 +583,6 @@ def default_out_dir(args):
     return f"out/{args.method}-{source.replace('/', '-') if named else args.preset}"
 
 
-BASELINE = lambda args: args.method in OFFICIAL_BASELINES
 FLAGS = (  # (flag, default, where it applies, argparse's options); a rule reads only the flags above it
     # what to train
     ("--method", "dense", EVERYWHERE, dict(
@@ -626,11 +630,11 @@ FLAGS = (  # (flag, default, where it applies, argparse's options); a rule reads
      dict(type=non_negative_int, help="steps of linear learning-rate warm-up")),
     ("--weight-decay", 0.1, EVERYWHERE, dict(type=non_negative_float, help="AdamW's, on 2-D weights")),
     ("--grad-clip", 1.0, EVERYWHERE, dict(type=non_negative_float, help="gradient norm clip (0: none)")),
-    ("--copied-lr-scale", Rule(lambda a: 1.0 if BASELINE(a) else 0.2, "1.0 for performer and reformer, their "
-                                                                       "official recipe; else 0.2"), STUDENT,
+    ("--copied-lr-scale", Rule(lambda a: 1.0 if is_official_baseline(a) else 0.2,
+                               "1.0 for performer and reformer, their official recipe; else 0.2"), STUDENT,
      dict(type=non_negative_float, help="scales the learning rate of the weights copied from the teacher")),
-    ("--attention-terms", Rule(lambda a: not BASELINE(a), "on; off for performer and reformer, as their official "
-                                                          "code trains them"), STUDENT,
+    ("--attention-terms", Rule(lambda a: not is_official_baseline(a),
+                               "on; off for performer and reformer, as their official code trains them"), STUDENT,
      dict(action=argparse.BooleanOptionalAction, help="adds the per-layer attention terms to the loss")),
     ("--estimator-iters", 0, SEA_ONLY, dict(type=non_negative_int, help="first trains SEA's estimator alone for this "
                                                                          "many steps (0: off)")),
@@ -674,7 +678,7 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, default, _, options in FLAGS:
         shown = default.words if isinstance(default, Rule) else default
-        help_text = options.get("help", "") + ("" if shown is None or shown is False else f" (default {shown})")
+        help_text = options["help"] + ("" if shown is None or shown is False else f" (default {shown})")
         parser.add_argument(flag, **dict(options, default=None, help=help_text))
     try:
         return settle(**vars(parser.parse_args(argv)))
