@@ -73,6 +73,14 @@ def length_list(text):
     return [positive_int(part) for part in text.split(",")]
 
 
+def number_list(text):
+    """--passkey-depths: comma-separated numbers."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def exit_on_bad_input(run):
     """Run a command; bad input and missing files (ValueError, OSError) end in 'error: ...'."""
     try:

@@ -8,7 +8,8 @@ its estimate. Each says only which keys a (head, row) keeps (choose_keys); none 
     block-mean      fixed blocks of SEAConfig.block keys, scored by q . (the block's mean key) (MoBA)
     block-bound     the same blocks, scored by Quest's bound sum_c max(q_c kmax_c, q_c kmin_c)
     sea-heuristic   SEA's bins, budget and grouped top-k, each bin scored from the keys with no learned
-                    part (sea.heuristic_bin_scores): the row a learned SEA estimate must beat
+                    part (sea.heuristic_bin_scores), every head keeping its first and last bin: the row a
+                    learned SEA estimate must beat
 
 For analysis only (they read the exact T x T attention, which a cheap method cannot):
 
@@ -114,16 +115,18 @@ def key_blocks(k, size):
 # SEA's layout with an estimate that needs no training
 
 class HeuristicBinAttention(GatedSparseAttention):
-    """SEA's bins, budget and grouped top-k (steps 5-6), the bins ranked by the heuristic estimate
-    of their mass (sea.heuristic_bin_scores: the mean logit of the middle bins, the exact logits of
+    """SEA's bins, budget and grouped top-k (steps 5-6), every head keeping its first bin (the sink)
+    and its own (the neighbours), the other cells ranked by the heuristic estimate of their mass
+    (sea.heuristic_bin_scores: the logits' mean and spread in the middle bins, the exact logits of
     the first and last). What SEA's residual estimator is before any training."""
 
     def uses_key_prefix(self):
         return True
 
     def choose_keys(self, q, k, e, rows, key_prefix):
-        s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
-        bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
+        with torch.no_grad():  # a choice: no gradient passes it
+            s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+        bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows, keep_ends=True)
         return KeptBins(bins, rows), dict(kept_bins=bins)
 
 

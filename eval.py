@@ -14,20 +14,23 @@ predictions inside it; perplexity = exp(mean token NLL).
 import argparse
 import json
 import math
+import random
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_int,
-                 positive_float, positive_int, write_records)
+from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, length_list, non_negative_int,
+                 number_list, positive_float, positive_int, write_records)
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
-from controls import perfect_estimate_bins
-from model import ANALYSIS_KINDS, ATTENTION_KINDS, load_model
-from sea import SEAConfig, estimated_attention_map, kept_key_mask
+from controls import ANALYSIS, CONTROLS, perfect_estimate_bins
+from model import ANALYSIS_KINDS, ATTENTION_KINDS, load_model, run_with_attention_hooks
+from sea import KeyPrefixSums, SEAConfig, estimated_attention_map, exact_attention, grouped_matmul, kept_key_mask
 
 MASKED_KINDS = tuple(kind for kind in ATTENTION_KINDS + ANALYSIS_KINDS
                      if kind not in ("dense", "performer", "reformer"))  # kept keys to compare with the teacher's
@@ -145,6 +148,104 @@ def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS
         per_layer.append(stats)
     averages = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
     return dict(averages, per_layer=per_layer)
+
+
+@torch.no_grad()
+def selection_recall(model, kinds, sea_config, idx, pieces=4, rows_per_piece=128):
+    """How well each way of choosing keys (a control or an analysis kind of `kinds`) does on a dense model's
+    own attention, layer by layer: every kind chooses from the same q, k, v (caught by hooks in one forward
+    pass over the window idx (1, T)), so nothing but the choice differs. On `pieces` pieces of
+    `rows_per_piece` rows spread over the window's second half, per layer and kind: recall (the attention
+    mass on the kept keys) and the output error (|o_kept - o|^2 over the layer's mean |o|^2, o_kept the
+    softmax over the kept keys), and the seconds the kind took to choose. Only one piece's map, (B, H, rows, T),
+    exists at a time, so the peak memory is O(rows T) however long the window."""
+    _, layers = run_with_attention_hooks(model.eval(), idx, need_hidden=False, logits=None)
+    T = idx.size(1)
+    firsts = [T // 2 + (T // 2 - rows_per_piece) * n // max(1, pieces - 1) for n in range(pieces)]
+    H, D = layers[0]["q"].shape[1], layers[0]["q"].shape[-1]
+    choosers = {kind: (CONTROLS | ANALYSIS)[kind](H, D, 1, sea_config) for kind in kinds}
+    per_layer = {kind: [] for kind in kinds}
+    for layer in layers:
+        q, k, v = layer["q"], layer["k"], layer["v"]
+        sums = {kind: torch.zeros(3) for kind in kinds}  # recall, squared error, seconds
+        out_norm = 0.0
+        for first in firsts:
+            rows = torch.arange(first, first + rows_per_piece, device=q.device)
+            q_rows, keys, values = q[:, :, rows], k[:, :, :rows[-1] + 1], v[:, :, :rows[-1] + 1]
+            probs = exact_attention(q_rows, keys, rows)  # (B, H, R, T')
+            exact = grouped_matmul(probs, values)
+            out_norm += exact.square().sum(-1).mean().item()
+            for kind, chooser in choosers.items():
+                started = time.perf_counter()
+                prefix = KeyPrefixSums(keys) if chooser.uses_key_prefix() else None
+                mask = chooser.choose_keys(q_rows, keys, None, rows, prefix)[0].mask(keys.size(2))
+                seconds = time.perf_counter() - started
+                kept = probs * mask
+                recall = kept.sum(-1, keepdim=True)
+                error = (grouped_matmul(kept / recall.clamp_min(1e-30), values) - exact).square().sum(-1).mean()
+                sums[kind] += torch.tensor([recall.mean().item(), error.item(), seconds])
+        for kind in kinds:
+            recall, error, seconds = (sums[kind] / pieces).tolist()
+            per_layer[kind].append(dict(recall=recall, output_error=error / (out_norm / pieces),
+                                        seconds_per_row=seconds / rows_per_piece))
+    return {kind: dict(recall=statistics.fmean(r["recall"] for r in rows),
+                       output_error=statistics.fmean(r["output_error"] for r in rows),
+                       seconds_per_row=sum(r["seconds_per_row"] for r in rows), per_layer=rows, rows=firsts,
+                       rows_per_piece=rows_per_piece)
+            for kind, rows in per_layer.items()}
+
+
+def evaluate_selection(args, model):
+    """--selection-recall: selection_recall on the split's first --max-windows windows (1 by default), a table
+    and with --json the figures per layer, with --plot the picture."""
+    if model.config.attn != "dense":
+        raise ValueError(f"--selection-recall compares choices on a dense model's own attention; this model has "
+                         f"attn={model.config.attn}")
+    kinds = args.selection_recall
+    block_size = args.block_size or model.config.block_size
+    tokens = load_tokens(args.split, args.data_dir, args.cache_dir, model.config.tokenizer)
+    check_long_enough(tokens, block_size * (args.max_windows or 1), "split to analyse")
+    config = SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block, sub_bins=args.sub_bins)
+    started, windows = time.time(), []
+    for idx in sample_windows(tokens, block_size, args.max_windows or 1):
+        windows.append(selection_recall(model, kinds, config, idx[None].to(args.device)))
+        print(f"  window {len(windows)}: {time.time() - started:.0f}s", flush=True)
+    rows = {kind: dict(recall=statistics.fmean(w[kind]["recall"] for w in windows),
+                       output_error=statistics.fmean(w[kind]["output_error"] for w in windows),
+                       seconds_per_row=statistics.fmean(w[kind]["seconds_per_row"] for w in windows),
+                       per_layer=[w[kind]["per_layer"] for w in windows]) for kind in kinds}
+    print(f"choices on the dense model's own attention, {len(windows)} window(s) of {block_size} tokens, k = {config.k}, "
+          f"T_M = {config.t_m}, sub-bins {config.sub_bins}, blocks of {config.block}; late rows {windows[0][kinds[0]]['rows']}"
+          f" (+{windows[0][kinds[0]]['rows_per_piece']} each)\n{'method':<18} {'recall':>7} {'output error':>13} "
+          f"{'ms a row (30 layers)':>21}")
+    for kind, row in rows.items():
+        print(f"{kind:<18} {row['recall']:>7.3f} {row['output_error']:>13.3f} {1000 * row['seconds_per_row']:>21.2f}")
+    if args.json:
+        write_records(dict(block_size=block_size, sea=vars(config), windows=len(windows), methods=rows), args.json)
+    if args.plot:
+        plot_selection(rows, args.plot, f"{block_size} tokens, k = {config.k}, T_M = {config.t_m}")
+    return rows
+
+
+def plot_selection(rows, path, title):
+    """Recall and output error layer by layer (the first window's), one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for kind, row in rows.items():
+        layers = row["per_layer"][0]
+        top.plot([layer["recall"] for layer in layers], "o-", markersize=3, label=kind)
+        bottom.semilogy([layer["output_error"] for layer in layers], "o-", markersize=3, label=kind)
+    top.set(ylabel="attention mass on the kept keys", title=f"late rows, layer by layer: {title}")
+    bottom.set(ylabel="output error (relative)", xlabel="layer")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def format_mask_statistics(stats):
@@ -333,6 +434,15 @@ def format_row(name, row):
     return text
 
 
+def kind_list(text):
+    """--selection-recall: comma-separated controls and analysis kinds."""
+    kinds = text.split(",")
+    unknown = [kind for kind in kinds if kind not in CONTROLS and kind not in ANALYSIS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: choose from {', '.join([*CONTROLS, *ANALYSIS])}")
+    return kinds
+
+
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -357,7 +467,17 @@ def parse_args(argv):
                    help="--sample: tokens to generate (default 100)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="--sample: softmax temperature")
     p.add_argument("--top-k", type=positive_int, help="--sample: sample among the k most likely tokens (1: greedy)")
-    p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed")
+    p.add_argument("--seed", type=int, default=1337, help="--sample: the sampling seed; --passkey: the keys' seed")
+    p.add_argument("--selection-recall", type=kind_list, metavar="KINDS",
+                   help="with a dense model: comma-separated controls and analysis kinds, each choosing keys from the "
+                        "model's own q, k (the same for all): recall and output error layer by layer on late rows")
+    p.add_argument("--passkey", action="store_true", help="pass-key retrieval: a 5-digit key hidden in filler text "
+                                                          "at each depth, asked for at the end (greedy answers)")
+    p.add_argument("--passkey-lengths", type=length_list, default=[1024, 2048, 4096, 8192],
+                   help="--passkey: prompt lengths in tokens, the answer included (default 1024,2048,4096,8192)")
+    p.add_argument("--passkey-depths", type=number_list, default=[0, 0.25, 0.5, 0.75, 1],
+                   help="--passkey: where the key sits, 0 (first) to 1 (last) (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--passkey-keys", type=positive_int, default=4, help="--passkey: random keys per length and depth")
     p.add_argument("--reformer-seed", type=int, help="a reformer student: the seed of its rotations at "
                                                      "evaluation (default: the one it was trained with, 0)")
     p.add_argument("--attn", choices=[kind for kind in MASKED_KINDS if kind != "sea"],  # SEA needs its warm-up
@@ -396,6 +516,8 @@ def run(p, args):
             p.error(f"--labels names {len(labels)} runs but --curves has {len(args.curves)}")
         return plot_curves(args.curves, args.plot, labels)
 
+    if args.passkey and not all(0 <= depth <= 1 for depth in args.passkey_depths):
+        p.error(f"--passkey-depths {args.passkey_depths}: each depth must lie in [0, 1] (0: the key first, 1: last)")
     model = load_model(args.ckpt or args.init_from, **attention_swap(args)).to(args.device)
     if args.attn:  # training-free: the swapped attention's gates open, its output the softmax over its keys
         for block in model.layers:
@@ -404,12 +526,16 @@ def run(p, args):
         if model.config.attn != "sea":
             p.error(f"--sink-bin changes SEA's choice of bins; this model has attn={model.config.attn}")
         model.config.sea.sink_bin = True
-    if args.k and not args.attn:  # a new budget for a checkpoint's kept keys
+    if args.k and not args.attn and not args.selection_recall:  # a new budget for a checkpoint's kept keys
         if model.config.attn not in MASKED_KINDS:
             p.error(f"--k sets how many keys are kept; this model has attn={model.config.attn}")
         model.config.sea.k = args.k
     if args.reformer_seed is not None:  # every layer's LSHAttention reads this config
         model.config.reformer.eval_seed = args.reformer_seed
+    if args.passkey:
+        return evaluate_passkey(args, model)
+    if args.selection_recall:
+        return evaluate_selection(args, model)
     if args.sample is not None:
         return sample_text(model, args.sample, args.max_new_tokens or 100, args.temperature, args.top_k,
                            args.seed, args.device)
@@ -483,6 +609,117 @@ def sample_text(model, prompt, max_new_tokens, temperature, top_k, seed, device)
     print(f"\n[{new_tokens} tokens in {seconds:.1f} s, {new_tokens / seconds:.1f} tokens/s, prompt included, "
           f"attn={model.config.attn}{stop}]")
     return text
+
+
+# -----------------------------------------------------------------------------
+# pass-key retrieval: a number hidden in filler text, asked for at the end (llama.cpp's examples/passkey test)
+
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+ANSWER_TOKENS = 8  # generated after the question: a 5-digit key is 5 tokens in SmolLM2's vocabulary, 1 or 2 in gpt2's
+
+
+class PasskeyPrompt(NamedTuple):
+    ids: list  # the prompt's token ids
+    key: int
+    needle_at: int  # the position of the needle's first token
+
+
+def passkey_prompt(tokenizer, length, depth, key):
+    """The task, filler sentences with the needle before filler number round(depth (fillers - 1)) (llama.cpp's
+    places: depth 1 is before the last filler, never right before the question), the question: the most filler
+    that keeps the prompt within length - ANSWER_TOKENS tokens (room for the answer)."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"--passkey-depths: {depth} is outside [0, 1] (0 puts the key first, 1 last)")
+    needle = PASSKEY_NEEDLE.format(key=key)
+    count = lambda pieces: len(tokenizer.encode_ordinary(" ".join(pieces)))
+    per_filler = count(["", PASSKEY_FILLER])  # a filler sentence and the space before it
+    fillers = max(0, (length - ANSWER_TOKENS - count([PASSKEY_TASK, needle, PASSKEY_QUESTION])) // per_filler)
+    while True:  # the estimate may be a token or two long: drop fillers until it fits
+        before = round(depth * max(0, fillers - 1))  # as llama.cpp places it: before one of the fillers, or alone
+        pieces = [PASSKEY_TASK, *[PASSKEY_FILLER] * before, needle, *[PASSKEY_FILLER] * (fillers - before),
+                  PASSKEY_QUESTION]
+        ids = tokenizer.encode_ordinary(" ".join(pieces))
+        if len(ids) <= length - ANSWER_TOKENS or fillers == 0:
+            return PasskeyPrompt(ids, key, count(pieces[:1 + before]))
+        fillers -= 1
+
+
+def passkey_passed(answer, key):
+    """A pass: the first number in the generated text is the key."""
+    number = re.search(r"\d+", answer)
+    return number is not None and number.group() == str(key)
+
+
+@torch.no_grad()
+def passkey_retrieval(model, lengths, depths, keys_per_cell, seed, device):
+    """Greedy cached generation after each prompt: `keys_per_cell` random 5-digit keys for every length and
+    depth (the same keys for every model, given the seed). Returns one record a prompt."""
+    tokenizer, rng = get_tokenizer(model.config.tokenizer), random.Random(seed)
+    for length in lengths:
+        if not 64 <= length <= model.config.block_size:
+            raise ValueError(f"--passkey-lengths: {length} tokens is outside 64 .. the model's context "
+                             f"({model.config.block_size} tokens)")
+    model.eval()
+    records, started = [], time.time()
+    for length in lengths:
+        for depth in depths:
+            for _ in range(keys_per_cell):
+                prompt = passkey_prompt(tokenizer, length, depth, rng.randint(10000, 99999))
+                out = model.generate(torch.tensor([prompt.ids], device=device), ANSWER_TOKENS, top_k=1)
+                answer = tokenizer.decode(out[0, len(prompt.ids):].tolist())
+                records.append(dict(length=length, depth=depth, key=prompt.key, tokens=len(prompt.ids),
+                                    answer=answer, passed=passkey_passed(answer, prompt.key)))
+                print(f"  length {length}, depth {depth:.2f}: key {prompt.key}, answered {answer.strip()!r} "
+                      f"({'pass' if records[-1]['passed'] else 'miss'}), {time.time() - started:.0f}s", flush=True)
+    return records
+
+
+def passkey_table(records):
+    """Passes by length (rows) and depth (columns), as text."""
+    lengths, depths = sorted({r["length"] for r in records}), sorted({r["depth"] for r in records})
+    cell = lambda length, depth: [r["passed"] for r in records if r["length"] == length and r["depth"] == depth]
+    lines = [f"{'length':>8} " + " ".join(f"{f'depth {d:g}':>10}" for d in depths) + f" {'all':>8}"]
+    for length in lengths:
+        cells = [cell(length, d) for d in depths]
+        row = sum(map(sum, cells)), sum(map(len, cells))
+        lines.append(f"{length:>8} " + " ".join(f"{f'{sum(c)}/{len(c)}':>10}" for c in cells) + f" {f'{row[0]}/{row[1]}':>8}")
+    return "\n".join(lines)
+
+
+def plot_passkey(records, path, title):
+    """The share of keys retrieved by length (rows) and depth (columns)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths, depths = sorted({r["length"] for r in records}), sorted({r["depth"] for r in records})
+    share = [[statistics.fmean(r["passed"] for r in records if r["length"] == n and r["depth"] == d) for d in depths]
+             for n in lengths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2, 0.6 * len(lengths) + 1.5))
+    ax.imshow(share, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set(xticks=range(len(depths)), xticklabels=[f"{d:g}" for d in depths], xlabel="depth of the key",
+           yticks=range(len(lengths)), yticklabels=lengths, ylabel="prompt tokens", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_passkey(args, model):
+    """--passkey: the table of passes, and with --json the records, with --plot the picture."""
+    records = passkey_retrieval(model, args.passkey_lengths, args.passkey_depths, args.passkey_keys, args.seed,
+                                args.device)
+    name = model.config.attn if model.config.attn == "dense" else f"{model.config.attn}, k = {model.config.sea.k}"
+    passed = sum(r["passed"] for r in records)
+    print(f"pass-key retrieval, attn={name}: {passed} of {len(records)}\n{passkey_table(records)}")
+    if args.json:
+        write_records(dict(attn=model.config.attn, k=model.config.sea.k, t_m=model.config.sea.t_m, records=records),
+                      args.json)
+    if args.plot:
+        plot_passkey(records, args.plot, f"pass key, {name}")
+    return passed
 
 
 def main(argv=None):

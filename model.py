@@ -508,6 +508,22 @@ def is_pretrained_source(name_or_path):
             or (path.is_file() and is_gguf(path)))
 
 
+def run_with_attention_hooks(model, x, need_layers=True, **flags):
+    """model.forward_internals(x, need_layers=False, **flags) and, when need_layers, each layer's
+    attention inputs and output, caught by hooks on the mechanisms: a list of dicts (q, k, v, context),
+    q and context (B, H, T, D), k and v (B, H_kv, T, D). The mechanisms run as at inference (SDPA for
+    a dense model): no T x T map."""
+    captured = []
+    keep = lambda mechanism, inputs, output: captured.append(dict(zip("qkv", inputs[:3]), context=output[0]))
+    hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in model.layers] if need_layers else []
+    try:
+        outputs = model.forward_internals(x, need_layers=False, **flags)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, captured
+
+
 def load_model(path_or_name, **overrides):
     """A train.py checkpoint (file), or a pretrained model (see Decoder.from_pretrained)."""
     if is_pretrained_source(path_or_name):

@@ -116,6 +116,13 @@ def bin_widths(rows, t_m):
     return bin_edges(rows, t_m).diff(dim=1)
 
 
+def end_bins(rows, t_m):
+    """(R, 2) long: the bins of row i's first key, 0 (the attention sink), and of its last, i itself (its
+    neighbourhood): c(i, j) = floor((2j + 1) T_M / (2 (i + 1))), the bin whose edges (bin_edges) hold j."""
+    keys = torch.stack([torch.zeros_like(rows), rows], dim=1)  # (R, 2)
+    return ((2 * keys + 1) * t_m // (2 * (rows[:, None] + 1))).clamp(max=t_m - 1)
+
+
 def key_bins(rows, T, t_m):
     """(R, T) long: the bin c(i, j) of key j in row i, the last bin whose first key (bin_edges) is at most j
     (keys j > i: the last bin)."""
@@ -221,38 +228,55 @@ class CompressedScoreDecoder(nn.Module):
 
 
 class KeyPrefixSums:
-    """prefix[j] = k_0 + ... + k_{j-1}, (B, H_kv, T + 1, D), for pooled_key_scores. Each chunk of rows
-    and each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs
-    O(T D) however it is cut (the sums redone per chunk would cost O(T^2 D / chunk))."""
+    """prefix[j] = [k_0 + ... + k_{j-1}, k_0^2 + ... + k_{j-1}^2], (B, H_kv, T + 1, 2D): the keys' sums and
+    their squares' (per channel), for pooled_logit_moments. Each chunk of rows and each decoding step
+    appends the sums of its keys (GrowingRows), so a pass over T rows costs O(T D) however it is cut
+    (the sums redone per chunk would cost O(T^2 D / chunk))."""
 
     def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
         self.prefix = GrowingRows()
-        self.prefix.append(F.pad(full_precision(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, D)
+        self.prefix.append(F.pad(key_moments(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, 2D)
 
     def extend(self, k):  # the next rows' keys (B, H_kv, R, D), at inference
-        self.prefix.append(self.sums()[:, :, -1:] + full_precision(k).cumsum(2))
+        self.prefix.append(self.sums()[:, :, -1:] + key_moments(k).cumsum(2))
         return self
 
-    def sums(self):  # (B, H_kv, T + 1, D)
+    def sums(self):  # (B, H_kv, T + 1, 2D)
         return self.prefix.rows()
 
 
-def pooled_key_scores(q, prefix, rows, t_m):
-    """q_i . (mean of the keys in bin c of row i) for the query rows q (B, H, R, D) at positions
-    `rows`: (B, H, R, T_M), 0 for empty bins. Part of the heuristic estimate (ours, beyond the paper):
-    it tells the estimate which bins hold keys the query matches. From the keys' prefix sums
-    (KeyPrefixSums: prefix[j] sums keys 0..j-1): O(min(T, T_M D) D) work a row, whatever T."""
+def key_moments(k):
+    """k (B, H_kv, R, D) -> [k, k^2] (B, H_kv, R, 2D), in full precision."""
+    k = full_precision(k)
+    return torch.cat([k, k * k], dim=-1)
+
+
+POOLED_FLOATS = 1 << 22  # pooled_logit_moments gathers the prefix rows at the edges in pieces of about this many floats
+
+
+def pooled_logit_moments(q, prefix, rows, t_m):
+    """The mean and the variance of the logits q_i . k_j over the keys of bin c of row i, for the query rows
+    q (B, H, R, D) at positions `rows`: two (B, H, R, T_M), 0 for empty bins. The variance takes the key
+    channels as independent, sum_d q_d^2 Var(k_d), from the sums of the keys and of their squares
+    (KeyPrefixSums): O(T_M D) work a row, whatever T. Part of the heuristic estimate (ours)."""
     q = full_precision(q)
     B, H, R, D = q.shape
     edges = bin_edges(rows, t_m)  # (R, T_M + 1)
-    # q_i . prefix[j] for all j, (B, H, R, T + 1) and a read of the whole prefix, when that moves fewer
-    # floats than gathering each row's edges, (B, H, R, T_M + 1, D): long chunks of short rows, not decoding
-    if prefix.size(2) <= edges.size(1) * min(D, R):
-        at_edges = grouped_matmul(q, prefix.transpose(-2, -1)).gather(-1, edges.expand(B, H, R, -1))
-    else:  # long rows: the prefix rows at the edges, (B, H_kv, R, T_M + 1, D), dotted with q_i
-        groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
-        at_edges = torch.einsum("bkgrd,bkred->bkgre", groups, prefix[:, :, edges]).reshape(B, H, R, -1)
-    return at_edges.diff(dim=-1) / edges.diff(dim=-1).clamp_min(1)
+    widths = edges.diff(dim=-1).clamp_min(1).to(q.dtype)  # (R, T_M)
+    groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
+    mean, variance = q.new_empty(B, H, R, t_m), q.new_empty(B, H, R, t_m)
+    step = max(1, POOLED_FLOATS // (prefix.size(1) * (t_m + 1) * D))
+    dot = lambda a, b: torch.einsum("bkgrd,bkrcd->bkgrc", a, b).flatten(1, 2)  # (B, H, r, C) from (.., r, D), (.., r, C, D)
+    sum_prefix, square_prefix = prefix.split(D, dim=-1)  # (B, H_kv, T + 1, D) each
+    for first in range(0, R, step):  # a piece of rows at a time: the prefix rows at the edges, (B, H_kv, r, T_M + 1, D)
+        piece = slice(first, first + step)
+        g, w = groups[:, :, :, piece], widths[piece]  # (B, H_kv, G, r, D), (r, T_M)
+        square_sum = dot(g * g, square_prefix[:, :, edges[piece]]).diff(dim=-1)  # q^2 . (sum of k^2 over each bin)
+        key_sum = sum_prefix[:, :, edges[piece]].diff(dim=-2)  # (B, H_kv, r, T_M, D)
+        mean[:, :, piece] = dot(g, key_sum) / w
+        # sum_d q_d^2 Var(k_d) = (q^2 . sum k^2) / w - (q^2 . (sum k)^2) / w^2
+        variance[:, :, piece] = (square_sum - dot(g * g, key_sum.square()) / w) / w
+    return mean, variance.clamp_min(0)
 
 
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
@@ -260,16 +284,19 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
     The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
-    nest in them), every sub-bin's keys taken at their mean logit q_i . mean(k_j)
-    (pooled_key_scores, from the prefix sums; a lower bound, by Jensen, tighter the finer the
-    sub-bins): log(sum_s w_s exp(m_s) / w). The first bin (the attention sink) and the last (the
-    query's own neighbourhood), where pretrained heads put much mass on single keys, are computed
-    exactly from their few keys. 0 for empty bins. O(T_M sub_bins D) work a row, whatever T."""
+    nest in them), every sub-bin's logits taken as normal with their mean and variance
+    (pooled_logit_moments, from the prefix sums), whose mean exp is exp(mean + variance / 2):
+    log(sum_s w_s exp(m_s + v_s / 2) / w). Without the variance (the mean logit alone, a lower bound
+    by Jensen) a sub-bin of 8 keys that holds one strong key is undervalued many times over. The
+    first bin (the attention sink) and the last (the query's own neighbourhood), where pretrained
+    heads put much mass on single keys, are computed exactly from their few keys. 0 for empty bins.
+    O(T_M sub_bins D) work a row, whatever T."""
     B, H, R, _ = q.shape
-    fine = pooled_key_scores(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins)
-    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(fine.dtype).clamp_min(1e-30).log()
+    mean, variance = pooled_logit_moments(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins) each
+    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(mean.dtype).clamp_min(1e-30).log()
     widths = bin_widths(rows, t_m)  # (R, T_M)
-    middle = (fine + log_fine_widths).view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
+    fine = mean + variance / 2 + log_fine_widths
+    middle = fine.view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
     q, k = full_precision(q), full_precision(k)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
     slot = torch.arange(W, device=q.device)
@@ -681,13 +708,15 @@ class GatedSparseAttention(nn.Module):
         """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's mean logits)."""
         return False
 
-    def keep_bins(self, p_hat, q, k, rows):
+    def keep_bins(self, p_hat, q, k, rows, keep_ends=False):
         """Step 5 on the bin probabilities p_hat (B, H, R, T_M) of the query rows q at positions `rows`:
         the kept bins (B, H, R, T_M), in Triton where uses_kernel. With SEAConfig.sink_bin every head
-        ranks the bin of key 0 (the attention sink) first."""
+        ranks the bin of key 0 (the attention sink) first; with keep_ends (ours) the bin of key 0 and
+        the row's own bin (its neighbours), which the budget then holds for every head (2 H cells)."""
         T_M = self.cfg.t_m
-        if self.cfg.sink_bin:
-            p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
+        first_ones = end_bins(rows, T_M)[:, :2 if keep_ends else 1 if self.cfg.sink_bin else 0]  # (R, 0 to 2)
+        if first_ones.size(1):  # shares are at most 1: a 2 ranks these cells above all the others
+            p_hat = p_hat.scatter(-1, first_ones.expand(*p_hat.shape[:-1], -1), 2.0)
         if self.uses_kernel(q):  # no host sync
             from kernel import select_bins  # Triton is optional: import when used
             row0 = k.size(2) - q.size(2)
@@ -738,7 +767,7 @@ class SEAAttention(GatedSparseAttention):
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3
         p_hat = bin_probabilities(s_hat.detach(), rows, by_mass=self.residual)  # step 4 (no gradient: the estimate
-        bins = self.keep_bins(p_hat, q, k, rows)  # step 5                      # learns from its loss only)
+        bins = self.keep_bins(p_hat, q, k, rows, keep_ends=self.residual)  # 5 # learns from its loss only)
         return KeptBins(bins, rows), dict(kept_bins=bins, scores=s_hat)
 
 

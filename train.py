@@ -31,7 +31,8 @@ import eval as evaluate
 from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float,
                  non_negative_int, positive_float, positive_int, write_records)
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
-from model import ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint
+from model import (ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint,
+                   run_with_attention_hooks)
 from reformer import ReformerConfig
 from controls import CONTROLS
 from sea import (ESTIMATORS, SEAConfig, attention_bin_targets, causal_attention_pieces, causal_mask, estimate_loss,
@@ -326,22 +327,6 @@ def estimator_step(mechanisms, teacher, x):
         loss.backward()
         total += loss.item()
     return total
-
-
-def run_with_attention_hooks(model, x, need_layers=True, **flags):
-    """model.forward_internals(x, need_layers=False, **flags) and, when need_layers, each layer's
-    attention inputs and output, caught by hooks on the mechanisms: a list of dicts (q, k, v, context),
-    q and context (B, H, T, D), k and v (B, H_kv, T, D). The mechanisms run as at inference (SDPA for
-    a dense model): no T x T map."""
-    captured = []
-    keep = lambda mechanism, inputs, output: captured.append(dict(zip("qkv", inputs[:3]), context=output[0]))
-    hooks = [block.self_attn.mechanism.register_forward_hook(keep) for block in model.layers] if need_layers else []
-    try:
-        outputs = model.forward_internals(x, need_layers=False, **flags)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return outputs, captured
 
 
 def report_recall(student, teacher, val_tokens, args, when):

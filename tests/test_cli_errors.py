@@ -64,6 +64,9 @@ CASES = [  # (entry point, flags, text the one-line error must contain)
     ("eval", ["--ckpt", "{good}", "--device", "gpu"], "not a device name"),
     ("eval", ["--ckpt", "{good}", "--max-windows", "0"], "--max-windows"),
     ("eval", ["--ckpt", "{good}", "--k", "8"], "--k sets how many keys are kept"),
+    ("eval", ["--ckpt", "{good}", "--passkey", "--passkey-lengths", "1024"], "outside 64 .. the model's context"),
+    ("eval", ["--ckpt", "{good}", "--passkey", "--passkey-depths", "0,1.5"], "must lie in [0, 1]"),
+    ("eval", ["--ckpt", "{good}", "--passkey", "--passkey-depths", "half"], "--passkey-depths"),
     ("train", ["--method", "window", "--teacher", "{good}", "--estimator", "residual"], "--estimator chooses"),
 ]
 

@@ -7,7 +7,7 @@ import torch
 from controls import BlockBoundAttention, BlockMeanAttention, HeuristicBinAttention, window_widths
 from model import Decoder, DecoderConfig
 from sea import (KeyPrefixSums, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces, estimate_loss,
-                 exact_attention, grouped_topk, heuristic_bin_scores)
+                 exact_attention, grouped_topk, heuristic_bin_scores, row_budget)
 import train
 
 
@@ -62,8 +62,8 @@ def naive_bin(i, j, T_M):
 
 def naive_heuristic_scores(q, k, T_M, sub_bins):
     """(H, T, T_M) for one batch: the log of the mean of exp(q_i . k_j) over the first and last bins' keys;
-    over the others', each sub-bin (a bin of T_M * sub_bins) counted as its keys at their mean logit; 0
-    for empty bins."""
+    over the others', each sub-bin (a bin of T_M * sub_bins) counted as its keys at exp(mean + variance / 2) of
+    their logits, the variance sum_d q_d^2 Var(k_d); 0 for empty bins."""
     H, T, _ = q.shape
     scores = torch.zeros(H, T, T_M, dtype=q.dtype)
     for i in range(T):
@@ -79,7 +79,9 @@ def naive_heuristic_scores(q, k, T_M, sub_bins):
             for sub in range(c * sub_bins, (c + 1) * sub_bins):
                 members = [j for j in keys if naive_bin(i, j, T_M * sub_bins) == sub]
                 if members:
-                    total = total + len(members) * torch.exp((q[:, i] * k[:, members].mean(1)).sum(-1))
+                    mean = (q[:, i] * k[:, members].mean(1)).sum(-1)
+                    variance = (q[:, i] ** 2 * k[:, members].var(1, unbiased=False)).sum(-1)
+                    total = total + len(members) * torch.exp(mean + variance / 2)
             scores[:, i, c] = torch.log(total / len(keys))
     return scores
 
@@ -108,7 +110,13 @@ def test_the_heuristic_control_keeps_the_bins_of_most_estimated_mass():
                            for i in range(T)], dtype=torch.float64)
     mass = naive_heuristic_scores(q[0], kk[0], T_M, 4).exp() * widths  # a bin's estimated (unnormalised) mass
     mass = mass / mass.sum(-1, keepdim=True)  # each head's share of it
+    for i in range(T):  # every head keeps the bins of key 0 and of key i first
+        mass[:, i, [naive_bin(i, 0, T_M), naive_bin(i, i, T_M)]] = 2.0
     assert torch.equal(aux["kept_bins"], grouped_topk(mass[None], torch.arange(T), k))
+    roomy = row_budget(torch.arange(T), H, k, T_M) >= 2 * H  # rows whose budget holds both ends of every head
+    assert roomy.sum() > 10 and not roomy.all()
+    kept = aux["kept_mask"][0][:, roomy]  # (H, rows, T)
+    assert kept[..., 0].all() and kept.gather(-1, torch.arange(T)[roomy][None, :, None].expand(H, -1, 1)).all()
 
 
 @pytest.mark.parametrize("family", ["tiny", "tiny-llama"])

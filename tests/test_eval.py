@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
+from data import get_tokenizer
 from model import Decoder, DecoderConfig
 from sea import SEAConfig, grouped_topk, kept_key_mask
 
@@ -98,3 +99,72 @@ def test_k_sets_a_new_budget_for_a_checkpoints_kept_keys(wikitext, tmp_path, cap
         evaluate.main(common + ["--k", k, "--json", str(tmp_path / f"k{k}.json")])
         kept[k] = json.loads((tmp_path / f"k{k}.json").read_text())["kept_per_head_late"]
     assert kept["2"] < kept["8"]
+
+
+def test_the_passkey_prompt_hides_the_key_at_the_asked_depth_within_the_asked_length():
+    tokenizer = get_tokenizer("gpt2")
+    per_filler = len(tokenizer.encode_ordinary(" " + evaluate.PASSKEY_FILLER))
+    for length in (300, 1000):
+        for depth in (0, 0.25, 0.5, 1):
+            prompt = evaluate.passkey_prompt(tokenizer, length, depth, 48213)
+            room = length - evaluate.ANSWER_TOKENS
+            assert room - per_filler < len(prompt.ids) <= room  # as much filler as fits, the answer's room kept
+            assert tokenizer.decode(prompt.ids[prompt.needle_at:]).startswith(" The pass key is 48213.")
+            assert abs(prompt.needle_at / len(prompt.ids) - depth) < 1.5 * per_filler / len(prompt.ids) + 0.02
+            text = tokenizer.decode(prompt.ids)
+            assert text.startswith(evaluate.PASSKEY_TASK) and text.endswith(evaluate.PASSKEY_QUESTION)
+            assert text.count("48213") == 2
+
+
+def test_a_passkey_answer_passes_when_its_first_number_is_the_key():
+    assert evaluate.passkey_passed(" 48213. Remember it.", 48213)
+    assert not evaluate.passkey_passed(" 4821", 48213)
+    assert not evaluate.passkey_passed(" 482135", 48213)
+    assert not evaluate.passkey_passed(" the key", 48213)
+    assert not evaluate.passkey_passed(" 1 48213", 48213)
+
+
+def test_passkey_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=256))
+    torch.save(dict(model=model.state_dict(), config=model.config.to_dict()), tmp_path / "ckpt.pt")
+    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--passkey", "--passkey-lengths", "128,256",
+            "--passkey-depths", "0,1", "--passkey-keys", "2", "--json", str(tmp_path / "keys.json"),
+            "--plot", str(tmp_path / "keys.png")]
+    evaluate.main(args + ["--attn", "sink-window", "--k", "8"])
+    out = capsys.readouterr().out
+    assert "pass-key retrieval, attn=sink-window, k = 8" in out and "depth 0" in out
+    records = json.loads((tmp_path / "keys.json").read_text())["records"]
+    assert [(r["length"], r["depth"]) for r in records] == [(128, 0), (128, 0), (128, 1), (128, 1),
+                                                             (256, 0), (256, 0), (256, 1), (256, 1)]
+    assert all(r["passed"] == evaluate.passkey_passed(r["answer"], r["key"]) for r in records)
+    assert (tmp_path / "keys.png").stat().st_size > 0
+    evaluate.main(args)  # the same keys for the dense model, given the seed
+    assert [r["key"] for r in json.loads((tmp_path / "keys.json").read_text())["records"]] == [r["key"] for r in records]
+
+
+def test_selection_recall_equals_the_whole_map_formula():
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig.preset("tiny-llama", n_layer=2, block_size=64)).eval()  # grouped-query heads
+    idx = torch.randint(0, model.config.vocab_size, (1, 64))
+    config = SEAConfig(k=16, t_m=8, block=4, sub_bins=2)  # 2 cells a head at least: every head keeps keys
+    kinds = ["sink-window", "block-mean", "sea-heuristic", "perfect-estimate", "oracle"]
+    ours = evaluate.selection_recall(model, kinds, config, idx, pieces=3, rows_per_piece=5)
+    firsts = ours[kinds[0]]["rows"]
+    assert firsts[0] == 32 and firsts[-1] == 64 - 5
+    rows = torch.cat([torch.arange(first, first + 5) for first in firsts])
+    with torch.no_grad():
+        _, _, layers = model.forward_internals(idx, need_hidden=False)
+    H, D = layers[0]["q"].shape[1], layers[0]["q"].shape[-1]
+    for kind in kinds:
+        chooser = (evaluate.CONTROLS | evaluate.ANALYSIS)[kind](H, D, 64, config)
+        for number, layer in enumerate(layers):
+            with torch.no_grad():
+                mask = chooser(layer["q"], layer["k"], layer["v"], need_weights=True)[1]["kept_mask"][:, :, rows]
+            probs, values = layer["probs"][:, :, rows], layer["v"].repeat_interleave(2, dim=1)
+            kept = probs * mask
+            exact, kept_out = probs @ values, (kept / kept.sum(-1, keepdim=True)) @ values
+            error = (kept_out - exact).square().sum(-1).mean() / exact.square().sum(-1).mean()
+            figures = ours[kind]["per_layer"][number]
+            assert math.isclose(figures["recall"], kept.sum(-1).mean().item(), rel_tol=1e-5), (kind, number)
+            assert math.isclose(figures["output_error"], error.item(), rel_tol=1e-4, abs_tol=1e-9), (kind, number)

@@ -12,8 +12,8 @@ from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
 import sea
 from controls import CONTROLS, OracleAttention, PerfectEstimateAttention, SinkWindowAttention, WindowAttention
 from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets,
-                 causal_linear_attention, decompress, estimate_loss, estimated_attention_map, grouped_topk,
-                 kept_key_mask, masked_attention, pooled_key_scores, row_budget, sparse_attention)
+                 causal_linear_attention, decompress, end_bins, estimate_loss, estimated_attention_map, grouped_topk,
+                 kept_key_mask, masked_attention, pooled_logit_moments, row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
@@ -284,30 +284,41 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
 
 
 
-@pytest.mark.parametrize("D, T_M", [(8, 16), (2, 4)])  # q . prefix for all keys, or the prefix rows at the edges
-def test_pooled_key_scores_are_each_bins_mean_logit(D, T_M):
+@pytest.mark.parametrize("D, T_M", [(8, 16), (2, 4)])
+def test_pooled_logit_moments_are_each_bins_mean_logit_and_channel_variance(D, T_M, monkeypatch):
+    monkeypatch.setattr(sea, "POOLED_FLOATS", 1000)  # the rows in several pieces
     torch.manual_seed(0)
-    B, H, T = 2, 3, 50
+    B, H, H_kv, T = 2, 4, 2, 50
     q = torch.randn(B, H, T, D, dtype=torch.float64)
-    k = torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
-    expected = torch.zeros(B, H, T, T_M, dtype=torch.float64)  # 0 where a bin holds no key (rows i < T_M - 1)
+    k = torch.randn(B, H_kv, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
+    mean, variance = (torch.zeros(B, H, T, T_M, dtype=torch.float64) for _ in range(2))  # 0 for empty bins
     bins = formula_key_bins(T, T_M)
     for i in range(T):
         for c in range(T_M):
             keys = [j for j in range(i + 1) if bins[i, j] == c]
             if keys:
-                expected[:, :, i, c] = (q[:, :, i] * k[:, :, keys].mean(2)).sum(-1)
+                members = k[:, :, keys].repeat_interleave(H // H_kv, dim=1)  # (B, H, n, D): head h reads h // G
+                mean[:, :, i, c] = (q[:, :, i] * members.mean(2)).sum(-1)
+                variance[:, :, i, c] = (q[:, :, i] ** 2 * members.var(2, unbiased=False)).sum(-1)
     rows = torch.arange(T)
-    scores = pooled_key_scores(q, KeyPrefixSums(k).sums(), rows, T_M)
-    torch.testing.assert_close(scores, expected)
-    weights = torch.randn_like(expected)
-    torch.testing.assert_close(torch.autograd.grad((scores * weights).sum(), k)[0],
-                               torch.autograd.grad((expected * weights).sum(), k)[0])
+    ours = pooled_logit_moments(q, KeyPrefixSums(k).sums(), rows, T_M)
+    torch.testing.assert_close(ours, (mean, variance))
+    weights = torch.randn_like(mean)
+    torch.testing.assert_close(torch.autograd.grad(((ours[0] + ours[1]) * weights).sum(), k)[0],
+                               torch.autograd.grad(((mean + variance) * weights).sum(), k)[0])
     k = k.detach()
     grown = KeyPrefixSums(k[:, :, :1])  # the sums built a few keys at a time, as decoding does
     for first, last in [(1, 2), (2, 9), (9, 10), (10, T)]:
         grown.extend(k[:, :, first:last])
-    torch.testing.assert_close(pooled_key_scores(q[:, :, 30:], grown.sums(), rows[30:], T_M), expected[:, :, 30:])
+    later = pooled_logit_moments(q[:, :, 30:], grown.sums(), rows[30:], T_M)
+    torch.testing.assert_close(later, (mean[:, :, 30:], variance[:, :, 30:]))
+
+
+def test_end_bins_hold_key_0_and_the_rows_own_key():
+    for T_M in (4, 16):
+        rows = torch.arange(40)
+        bins = formula_key_bins(40, T_M)
+        assert torch.equal(end_bins(rows, T_M), torch.stack([bins[:, 0], bins[rows, rows]], dim=1))
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
