@@ -242,10 +242,7 @@ def plot_selection(rows, path, title):
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
     top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def format_mask_statistics(stats):
@@ -333,6 +330,11 @@ def plot_layer_recall(rows, path):
     ax.set_title("late-row recall per layer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -392,10 +394,7 @@ def plot_curves(paths, path, labels=None):
         ax.grid(True, alpha=0.3)
     recall_ax.legend(title="solid: kept keys, dashed: same-count sink-window, dotted: perfect estimate",
                      fontsize=8, title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):
@@ -702,9 +701,7 @@ def plot_passkey(records, path, title):
     ax.imshow(share, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set(xticks=range(len(depths)), xticklabels=[f"{d:g}" for d in depths], xlabel="depth of the key",
            yticks=range(len(lengths)), yticklabels=lengths, ylabel="prompt tokens", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def evaluate_passkey(args, model):

@@ -228,10 +228,12 @@ class CompressedScoreDecoder(nn.Module):
 
 
 class KeyPrefixSums:
-    """prefix[j] = [k_0 + ... + k_{j-1}, k_0^2 + ... + k_{j-1}^2], (B, H_kv, T + 1, 2D): the keys' sums and
-    their squares' (per channel), for pooled_logit_moments. Each chunk of rows and each decoding step
-    appends the sums of its keys (GrowingRows), so a pass over T rows costs O(T D) however it is cut
-    (the sums redone per chunk would cost O(T^2 D / chunk))."""
+    """prefix[j] = [k_0 + ... + k_{j-1}, k_0^2 + ... + k_{j-1}^2], (B, H_kv, T + 1, 2D) in float64: the keys' sums
+    and their squares' (per channel), for pooled_logit_moments. float64, because a bin's variance is a small
+    difference of large sums: a channel whose keys sit near 20 sums their squares to 3e6 over 8k keys, where
+    float32 keeps 0.25, while the 8 keys of a bin vary by about 1 (float32 sums made the choice of keys depend
+    on how the rows were cut into chunks). Each chunk of rows and each decoding step appends the sums of its
+    keys (GrowingRows), so a pass over T rows costs O(T D) however it is cut."""
 
     def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
         self.prefix = GrowingRows()
@@ -246,8 +248,8 @@ class KeyPrefixSums:
 
 
 def key_moments(k):
-    """k (B, H_kv, R, D) -> [k, k^2] (B, H_kv, R, 2D), in full precision."""
-    k = full_precision(k)
+    """k (B, H_kv, R, D) -> [k, k^2] (B, H_kv, R, 2D), in float64."""
+    k = k.double()
     return torch.cat([k, k * k], dim=-1)
 
 
@@ -268,14 +270,15 @@ def pooled_logit_moments(q, prefix, rows, t_m):
     step = max(1, POOLED_FLOATS // (prefix.size(1) * (t_m + 1) * D))
     dot = lambda a, b: torch.einsum("bkgrd,bkrcd->bkgrc", a, b).flatten(1, 2)  # (B, H, r, C) from (.., r, D), (.., r, C, D)
     sum_prefix, square_prefix = prefix.split(D, dim=-1)  # (B, H_kv, T + 1, D) each
-    for first in range(0, R, step):  # a piece of rows at a time: the prefix rows at the edges, (B, H_kv, r, T_M + 1, D)
+    for first in range(0, R, step):  # a piece of rows at a time
         piece = slice(first, first + step)
         g, w = groups[:, :, :, piece], widths[piece]  # (B, H_kv, G, r, D), (r, T_M)
-        square_sum = dot(g * g, square_prefix[:, :, edges[piece]]).diff(dim=-1)  # q^2 . (sum of k^2 over each bin)
-        key_sum = sum_prefix[:, :, edges[piece]].diff(dim=-2)  # (B, H_kv, r, T_M, D)
+        # the sums over each bin's keys, (B, H_kv, r, T_M, D) each: differences taken in float64, then q's precision
+        key_sum = sum_prefix[:, :, edges[piece]].diff(dim=-2).to(q.dtype)
+        square_sum = square_prefix[:, :, edges[piece]].diff(dim=-2).to(q.dtype)
         mean[:, :, piece] = dot(g, key_sum) / w
         # sum_d q_d^2 Var(k_d) = (q^2 . sum k^2) / w - (q^2 . (sum k)^2) / w^2
-        variance[:, :, piece] = (square_sum - dot(g * g, key_sum.square()) / w) / w
+        variance[:, :, piece] = (dot(g * g, square_sum) - dot(g * g, key_sum.square()) / w) / w
     return mean, variance.clamp_min(0)
 
 
@@ -705,7 +708,7 @@ class GatedSparseAttention(nn.Module):
         raise NotImplementedError
 
     def uses_key_prefix(self):
-        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's mean logits)."""
+        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's pooled logits)."""
         return False
 
     def keep_bins(self, p_hat, q, k, rows, keep_ends=False):

@@ -110,7 +110,8 @@ def test_the_passkey_prompt_hides_the_key_at_the_asked_depth_within_the_asked_le
             room = length - evaluate.ANSWER_TOKENS
             assert room - per_filler < len(prompt.ids) <= room  # as much filler as fits, the answer's room kept
             assert tokenizer.decode(prompt.ids[prompt.needle_at:]).startswith(" The pass key is 48213.")
-            assert abs(prompt.needle_at / len(prompt.ids) - depth) < 1.5 * per_filler / len(prompt.ids) + 0.02
+            # depth d: before filler round(d (n - 1)) of n, as llama.cpp places it (depth 1: before the last)
+            assert abs(prompt.needle_at / len(prompt.ids) - depth) < 2.5 * per_filler / len(prompt.ids) + 0.02
             text = tokenizer.decode(prompt.ids)
             assert text.startswith(evaluate.PASSKEY_TASK) and text.endswith(evaluate.PASSKEY_QUESTION)
             assert text.count("48213") == 2
