@@ -116,18 +116,21 @@ def bin_widths(rows, t_m):
     return bin_edges(rows, t_m).diff(dim=1)
 
 
-def end_bins(rows, t_m):
-    """(R, 2) long: the bins of row i's first key, 0 (the attention sink), and of its last, i itself (its
-    neighbourhood): c(i, j) = floor((2j + 1) T_M / (2 (i + 1))), the bin whose edges (bin_edges) hold j."""
-    keys = torch.stack([torch.zeros_like(rows), rows], dim=1)  # (R, 2)
-    return ((2 * keys + 1) * t_m // (2 * (rows[:, None] + 1))).clamp(max=t_m - 1)
+def bins_of(rows, keys, t_m):
+    """(R, n) long: the bin c(i, j) of each key j of keys (R, n) in row i, the last bin whose first key
+    (bin_edges) is at most j (keys j > i: the last bin)."""
+    return (torch.searchsorted(bin_edges(rows, t_m), keys.contiguous(), right=True) - 1).clamp(max=t_m - 1)
 
 
 def key_bins(rows, T, t_m):
-    """(R, T) long: the bin c(i, j) of key j in row i, the last bin whose first key (bin_edges) is at most j
-    (keys j > i: the last bin)."""
-    keys = torch.arange(T, device=rows.device).expand(len(rows), T).contiguous()
-    return (torch.searchsorted(bin_edges(rows, t_m), keys, right=True) - 1).clamp(max=t_m - 1)
+    """(R, T) long: the bin of every key 0..T-1 in each row."""
+    return bins_of(rows, torch.arange(T, device=rows.device).expand(len(rows), T), t_m)
+
+
+def end_bins(rows, t_m):
+    """(R, 2) long: the bins of row i's first key, 0 (the attention sink), and of its last, i itself (its
+    neighbourhood)."""
+    return bins_of(rows, torch.stack([torch.zeros_like(rows), rows], dim=1), t_m)
 
 
 # -----------------------------------------------------------------------------
@@ -717,9 +720,9 @@ class GatedSparseAttention(nn.Module):
         ranks the bin of key 0 (the attention sink) first; with keep_ends (ours) the bin of key 0 and
         the row's own bin (its neighbours), which the budget then holds for every head (2 H cells)."""
         T_M = self.cfg.t_m
-        first_ones = end_bins(rows, T_M)[:, :2 if keep_ends else 1 if self.cfg.sink_bin else 0]  # (R, 0 to 2)
-        if first_ones.size(1):  # shares are at most 1: a 2 ranks these cells above all the others
-            p_hat = p_hat.scatter(-1, first_ones.expand(*p_hat.shape[:-1], -1), 2.0)
+        forced = 2 if keep_ends else int(self.cfg.sink_bin)  # the bins of key 0 and of key i, or key 0's alone
+        if forced:  # shares are at most 1: a 2 ranks these cells above all the others
+            p_hat = p_hat.scatter(-1, end_bins(rows, T_M)[:, :forced].expand(*p_hat.shape[:-1], -1), 2.0)
         if self.uses_kernel(q):  # no host sync
             from kernel import select_bins  # Triton is optional: import when used
             row0 = k.size(2) - q.size(2)
