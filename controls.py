@@ -115,10 +115,9 @@ def key_blocks(k, size):
 # SEA's layout with an estimate that needs no training
 
 class HeuristicBinAttention(GatedSparseAttention):
-    """SEA's bins, budget and grouped top-k (steps 5-6), every head keeping its first bin (the sink)
-    and its own (the neighbours), the other cells ranked by the heuristic estimate of their mass
-    (sea.heuristic_bin_scores: the logits' mean and spread in the middle bins, the exact logits of
-    the first and last). What SEA's residual estimator is before any training."""
+    """SEA's bins, budget and grouped top-k (steps 5-6), the cells ranked by the heuristic estimate of
+    their mass (sea.heuristic_bin_scores: the logits' mean and spread in the middle bins, the exact
+    logits of the first and last). What SEA's residual estimator is before any training."""
 
     def uses_key_prefix(self):
         return True
@@ -126,7 +125,7 @@ class HeuristicBinAttention(GatedSparseAttention):
     def choose_keys(self, q, k, e, rows, key_prefix):
         with torch.no_grad():  # a choice: no gradient passes it
             s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
-        bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows, keep_ends=True)
+        bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
         return KeptBins(bins, rows), dict(kept_bins=bins)
 
 

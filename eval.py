@@ -397,6 +397,23 @@ def plot_curves(paths, path, labels=None):
     save_figure(fig, path)
 
 
+def plot_validation(paths, path, labels):
+    """Validation loss against distillation steps, one line per run (its history.jsonl), labelled `labels`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for history, label in zip(paths, labels):
+        entries = [e for e in read_history(history) if "val_loss" in e]
+        ax.plot([e["step"] for e in entries], [e["val_loss"] for e in entries], "o-", label=label)
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("validation loss (v1 text)")
+    ax.set_title("the students' validation loss while distilled")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):
     """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
     the teacher, and the mask statistics of a student that keeps keys. tokens: the whole split's
@@ -412,9 +429,15 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
     return row
 
 
-def table_header(mask_statistics=True):
-    """The header of format_row's table, with the mask statistics' columns or without."""
-    header = f"{'method':<16} {'ppl':>8} {'ratio':>6}"
+TRAINING_WIDTH = 19  # the training column: "none", "warm-up 20 windows", "distilled 30 steps"
+NAME_WIDTH = {False: 16, True: 26}  # the method column, without the training column and with it (longer names)
+
+
+def table_header(mask_statistics=True, training=False):
+    """The header of format_row's table, with the mask statistics' columns or without, with a column saying
+    how each row was trained (its row["training"]) or without."""
+    header = f"{'method':<{NAME_WIDTH[training]}} " + (f"{'training':<{TRAINING_WIDTH}} " if training else "")
+    header += f"{'ppl':>8} {'ratio':>6}"
     if mask_statistics:
         header += (f"   {'kept keys/head':>14}   recall (late rows): {'kept':>5} {'window':>6} {'sinks':>6} "
                    f"{'perfect':>7} {'oracle':>6}   all rows: {'kept':>5}")
@@ -422,9 +445,11 @@ def table_header(mask_statistics=True):
 
 
 def format_row(name, row):
-    """One line of table_header's table: perplexity, ratio to the teacher, mask statistics (the kept
-    keys' recall; the same count as a window, as a sink-window, the perfect estimate's, the oracle's)."""
-    text = f"{name:<16} {row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
+    """One line of table_header's table: how the row was trained if it says, perplexity, ratio to the teacher,
+    mask statistics (the kept keys' recall; the same count as a window, as a sink-window, the perfect
+    estimate's, the oracle's)."""
+    training = f"{row['training']:<{TRAINING_WIDTH}} " if "training" in row else ""
+    text = f"{name:<{NAME_WIDTH['training' in row]}} {training}{row['ppl']:>8.2f} {row.get('ratio', float('nan')):>6.3f}"
     if "kept_per_head" in row:
         kept = f"{row['kept_per_head_late']:.1f} ({100 * row['kept_fraction_late']:.1f}%)"
         text += (f"   {kept:>14}   {'':>19} {row['recall_late']:>5.3f} {row['window_late']:>6.3f} "

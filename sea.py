@@ -127,12 +127,6 @@ def key_bins(rows, T, t_m):
     return bins_of(rows, torch.arange(T, device=rows.device).expand(len(rows), T), t_m)
 
 
-def end_bins(rows, t_m):
-    """(R, 2) long: the bins of row i's first key, 0 (the attention sink), and of its last, i itself (its
-    neighbourhood)."""
-    return bins_of(rows, torch.stack([torch.zeros_like(rows), rows], dim=1), t_m)
-
-
 # -----------------------------------------------------------------------------
 # step 1: the linear estimate, causal FAVOR+ with the ReLU kernel over [positions, values]
 
@@ -285,23 +279,34 @@ def pooled_logit_moments(q, prefix, rows, t_m):
     return mean, variance.clamp_min(0)
 
 
+def spread_bonus(variance, n):
+    """How far the log of the mean of exp over n logits lies above their mean, from their variance: variance / 2
+    if they were normal, but never more than n logits of that variance can give, which is when one lies far
+    above the rest, log((exp(s sqrt(n - 1)) + (n - 1) exp(-s / sqrt(n - 1))) / n) with s the standard
+    deviation. Without that cap, bins of 2 to 8 keys were overvalued whenever their keys' channels varied.
+    variance (B, H, R, C), n (R, C) the keys per bin; 0 where n <= 1."""
+    spread, root = variance.clamp_min(1e-30).sqrt(), (n - 1).clamp_min(1).sqrt()  # (no infinite gradient at 0)
+    most = torch.logaddexp(spread * root, (n - 1).clamp_min(1).log() - spread / root) - n.clamp_min(1).log()
+    return torch.minimum(variance / 2, most).masked_fill(n <= 1, 0.0)
+
+
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
     positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
     The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
-    nest in them), every sub-bin's logits taken as normal with their mean and variance
-    (pooled_logit_moments, from the prefix sums), whose mean exp is exp(mean + variance / 2):
-    log(sum_s w_s exp(m_s + v_s / 2) / w). Without the variance (the mean logit alone, a lower bound
-    by Jensen) a sub-bin of 8 keys that holds one strong key is undervalued many times over. The
-    first bin (the attention sink) and the last (the query's own neighbourhood), where pretrained
-    heads put much mass on single keys, are computed exactly from their few keys. 0 for empty bins.
+    nest in them), every sub-bin's logits from their mean and variance (pooled_logit_moments, from the
+    prefix sums) as mean + spread_bonus: log(sum_s w_s exp(m_s + bonus_s) / w). Without the spread (the
+    mean logit alone, a lower bound by Jensen) a sub-bin of 8 keys that holds one strong key is
+    undervalued many times over. The first bin (the attention sink) and the last (the query's own
+    neighbourhood), where pretrained heads put much mass on single keys, are computed exactly from their
+    few keys. 0 for empty bins.
     O(T_M sub_bins D) work a row, whatever T."""
     B, H, R, _ = q.shape
     mean, variance = pooled_logit_moments(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins) each
     log_fine_widths = bin_widths(rows, t_m * sub_bins).to(mean.dtype).clamp_min(1e-30).log()
     widths = bin_widths(rows, t_m)  # (R, T_M)
-    fine = mean + variance / 2 + log_fine_widths
+    fine = mean + spread_bonus(variance, bin_widths(rows, t_m * sub_bins).to(mean.dtype)) + log_fine_widths
     middle = fine.view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
     q, k = full_precision(q), full_precision(k)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
@@ -714,15 +719,13 @@ class GatedSparseAttention(nn.Module):
         """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's pooled logits)."""
         return False
 
-    def keep_bins(self, p_hat, q, k, rows, keep_ends=False):
+    def keep_bins(self, p_hat, q, k, rows):
         """Step 5 on the bin probabilities p_hat (B, H, R, T_M) of the query rows q at positions `rows`:
         the kept bins (B, H, R, T_M), in Triton where uses_kernel. With SEAConfig.sink_bin every head
-        ranks the bin of key 0 (the attention sink) first; with keep_ends (ours) the bin of key 0 and
-        the row's own bin (its neighbours), which the budget then holds for every head (2 H cells)."""
+        ranks the bin of key 0 (the attention sink) first."""
         T_M = self.cfg.t_m
-        forced = 2 if keep_ends else int(self.cfg.sink_bin)  # the bins of key 0 and of key i, or key 0's alone
-        if forced:  # shares are at most 1: a 2 ranks these cells above all the others
-            p_hat = p_hat.scatter(-1, end_bins(rows, T_M)[:, :forced].expand(*p_hat.shape[:-1], -1), 2.0)
+        if self.cfg.sink_bin:  # shares are at most 1: a 2 ranks this cell above all the others
+            p_hat = p_hat.scatter(-1, key_bins(rows, 1, T_M).expand(*p_hat.shape[:-1], 1), 2.0)
         if self.uses_kernel(q):  # no host sync
             from kernel import select_bins  # Triton is optional: import when used
             row0 = k.size(2) - q.size(2)
@@ -773,7 +776,7 @@ class SEAAttention(GatedSparseAttention):
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3
         p_hat = bin_probabilities(s_hat.detach(), rows, by_mass=self.residual)  # step 4 (no gradient: the estimate
-        bins = self.keep_bins(p_hat, q, k, rows, keep_ends=self.residual)  # 5 # learns from its loss only)
+        bins = self.keep_bins(p_hat, q, k, rows)  # 5 # learns from its loss only)
         return KeptBins(bins, rows), dict(kept_bins=bins, scores=s_hat)
 
 

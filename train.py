@@ -2,7 +2,7 @@
 Train on WikiText-2: a dense teacher (from scratch or fine-tuned), or a SEA / Performer / window
 student distilled from a teacher; with no arguments, the demo on SmolLM2-135M.
 
-    python train.py                                            # the demo (SmolLM2, about 7 min on 2 cores)
+    python train.py                                            # the demo (SmolLM2, about 32 min on 2 cores)
     python train.py --method dense --preset tiny               # tiny teacher from scratch
     python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --t-m 64
     python train.py --method dense --init-from facebook/opt-125m --block-size 2048
@@ -468,9 +468,11 @@ def optimize(run, train_tokens, val_tokens, args):
               f"{tokens_per_iter:,} tokens per iteration on {run.world} x {run.device} ({args.dtype})")
         if args.method != "dense":
             print(recipe(args))
+    best_val = run.best_val
+    if run.master and not run.resumed and args.method != "dense":  # a student's curve starts where it stands untrained
+        best_val = validate(0, best_val, val_tokens, tokens_per_iter, run, args)
     model.train()
     clock = dict(started=time.time(), last_log=time.time())
-    best_val = run.best_val
     for it in range(run.start_iter, args.max_iters):
         loss, terms = optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, run, args)
         done = it + 1
@@ -719,55 +721,82 @@ def as_command(flags):
 
 TEST_DATA_ENV = "SEA_TEST_DATA_DIR"  # the demo's test text, when it is not in the training folder
 DEMO_SWAPS = (*CONTROLS, "perfect-estimate", "oracle")  # no training: only the key choice
+DEMO_STUDENTS = ("sea", "sink-window")  # the demo distils ours and its control
 
 
-def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, warm_up_steps=20, windows=4,
-         out_dir="out/demo"):
-    """SmolLM2-135M, frozen, with only its attention swapped: SEA after an estimator warm-up (ours,
-    then the paper's estimator), the controls, the perfect estimate and the oracle, each keeping
-    about k keys per query per head (3% of a late row at T = 512). Test
-    perplexity of the first `windows` windows and late-row recall, as a table, JSON and pictures."""
+def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distill_steps=20, warm_up_steps=20,
+         windows=4, out_dir="out/demo"):
+    """SmolLM2-135M, frozen, with only its attention swapped, each way keeping about k keys per query per
+    head (3% of a late row at T = 512): the controls and our SEA untrained (sea-heuristic), the analysis
+    rows, the paper's estimator after a warm-up; then the paper's recipe: SEA (ours) and the sink-window
+    distilled from open gates for `distill_steps` steps on the same training windows. Test perplexity
+    of the first `windows` windows and late-row recall, as a table, JSON and pictures."""
     started = time.time()
     step = lambda text: print(f"== {text}  [{time.time() - started:.0f}s]", flush=True)
-    knobs = dict(teacher=source, block_size=block_size, k=k, t_m=t_m)
-    warm_ups = {name: dict(method="sea", **knobs, estimator=estimator, training_free=True,
-                           estimator_iters=warm_up_steps, estimator_lr=3e-3, batch_size=1,
-                           out_dir=f"{out_dir}/sea-{estimator}")
-                for name, estimator in (("sea, residual", "residual"), ("sea, paper's", "paper"))}
-    runs = {name: settle(**flags) for name, flags in warm_ups.items()}  # every flag checked before anything runs
-    device = runs["sea, residual"].device
-    step(f"1/4 the teacher: {source}")
+    knobs = dict(teacher=source, block_size=block_size, k=k, t_m=t_m, batch_size=1)
+    paper = dict(method="sea", **knobs, estimator="paper", training_free=True, estimator_iters=warm_up_steps,
+                 estimator_lr=3e-3, out_dir=f"{out_dir}/sea-paper")
+    ours = dict(estimator="residual", sub_bins=sub_bins)
+    distilled = {method: dict(method=method, **knobs, **(ours if method == "sea" else {}),
+                              open_gates=True, max_iters=distill_steps, eval_interval=max(1, distill_steps // 2),
+                              eval_iters=2, log_interval=max(1, distill_steps // 10), out_dir=f"{out_dir}/{method}")
+                 for method in DEMO_STUDENTS}
+    runs = {name: settle(**flags) for name, flags in (("paper", paper), *distilled.items())}  # all checked first
+    device = runs["paper"].device
+    step(f"1/5 the teacher: {source}")
     teacher = load_model(source).eval()
     tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
-    measure = lambda model, teacher_ppl=None: evaluate.describe(
+    measure = lambda model, training, teacher_ppl=None: dict(evaluate.describe(
         model.to(device), teacher if teacher_ppl else None, tokens, block_size, 1, device, "float32",
-        teacher_ppl, max_windows=windows)
-    rows = {"dense teacher": dict(measure(teacher.to(device)), ratio=1.0)}
+        teacher_ppl, max_windows=windows), training=training)
+    rows = {"dense teacher": dict(measure(teacher.to(device), "-"), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
-    students = {}
-    for number, name in enumerate(runs, start=2):
-        step(f"{number}/4 {name}: {as_command(warm_ups[name])}")
-        students[name] = Decoder.from_checkpoint(train(runs[name]))
-        rows[name] = measure(students[name], teacher_ppl)
-    step(f"4/4 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
+    step(f"2/5 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
     for kind in DEMO_SWAPS:
-        model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m))
+        model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m, sub_bins=sub_bins))
         for block in model.layers:
             block.self_attn.mechanism.open_gates()
-        rows[kind] = measure(model, teacher_ppl)
-    print(f"\ntest split, first {windows} windows of {block_size} tokens, k = {k}, T_M = {t_m}, "
+        rows[kind] = measure(model, "none", teacher_ppl)
+        print(f"{kind}: ppl {rows[kind]['ppl']:.2f} ({rows[kind]['ratio']:.3f}x)", flush=True)
+    step(f"3/5 the paper's estimator, trained alone first: {as_command(paper)}")
+    rows["sea, paper's"] = measure(Decoder.from_checkpoint(train(runs["paper"])), f"warm-up {warm_up_steps} windows",
+                                   teacher_ppl)
+    students = {}
+    for number, method in enumerate(DEMO_STUDENTS, start=4):
+        step(f"{number}/5 distil {method} (the paper's loss, from open gates): {as_command(distilled[method])}")
+        students[method] = Decoder.from_checkpoint(train(runs[method]))
+        rows[distilled_name(method, distill_steps)] = measure(students[method], f"distilled {distill_steps} steps",
+                                                              teacher_ppl)
+    print(f"\ntest split, first {windows} windows of {block_size} tokens, k = {k}, T_M = {t_m}, {sub_bins} sub-bins, "
           f"{time.time() - started:.0f}s in all")
-    print(evaluate.table_header())
+    print(evaluate.table_header(training=True))
     for name, row in rows.items():
         print(evaluate.format_row(name, row))
     print(f"recall: the teacher's attention mass on the kept keys, late rows (the second half of each of the "
           f"first {evaluate.RECALL_WINDOWS} windows); the other columns keep as many keys per (head, row): the "
           f"most recent, the first {SEAConfig.sinks} plus the most recent, SEA's bins chosen by the teacher's "
-          f"mass, the teacher's own top keys")
+          f"mass, the teacher's own top keys. sea-heuristic is our SEA untrained; sea, paper's is the paper's "
+          f"estimator trained alone on {warm_up_steps} windows (the paper trains it within a long distillation): "
+          f"how far a learned estimate is from useful after little training.")
+    print(distillation_sentence(rows, distill_steps))
     write_records(rows, f"{out_dir}/table.json")
-    evaluate.plot_attention(students["sea, residual"], teacher, tokens, block_size, f"{out_dir}/attention.png")
+    evaluate.plot_attention(students["sea"], teacher, tokens, block_size, f"{out_dir}/attention.png")
     evaluate.plot_layer_recall(rows, f"{out_dir}/recall-per-layer.png")
+    evaluate.plot_validation([f"{out_dir}/{method}/history.jsonl" for method in DEMO_STUDENTS],
+                             f"{out_dir}/distillation.png", labels=list(DEMO_STUDENTS))
     return rows
+
+
+def distilled_name(method, steps):
+    return f"{method}, distilled {steps}"
+
+
+def distillation_sentence(rows, steps):
+    """What distillation changed, measured: each student's ratio to the teacher untrained and distilled."""
+    sea, sink = (rows[distilled_name(method, steps)]["ratio"] for method in DEMO_STUDENTS)
+    return (f"distillation, {steps} steps each: our SEA from {rows['sea-heuristic']['ratio']:.3f}x the teacher's "
+            f"perplexity (untrained: the sea-heuristic row) to {sea:.3f}x; the sink-window from "
+            f"{rows['sink-window']['ratio']:.3f}x to {sink:.3f}x")
 
 
 def main(argv=None):

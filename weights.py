@@ -17,6 +17,7 @@ Two facts of these formats are easy to get wrong and handled here once:
   (2i, 2i + 1). The GGUF reader undoes that reordering, so the model has one rotary layout.
 """
 
+import functools
 import json
 import re
 import urllib.error
@@ -32,11 +33,16 @@ GPT2_VOCAB_SIZE = 50257  # tiktoken "gpt2"; id 50256 is <|endoftext|>
 LLAMA_FAMILY = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", bias=False, pre_ln=True)
 
 
+@functools.lru_cache(maxsize=1)  # read once a process: the demo and a student's run read their teacher many times
+def read_named_pretrained(name):
+    """(config fields, state dict) of a PRETRAINED model (fetched once, never changed); callers copy from it."""
+    return read_gguf_model(fetch_pretrained(name), tokenizer=name)
+
+
 def read_pretrained(name_or_path):
     """(config fields, state dict) of a PRETRAINED name, a GGUF file, a Hugging Face directory or a hub name."""
     if str(name_or_path) in PRETRAINED:
-        name = str(name_or_path)
-        return read_gguf_model(fetch_pretrained(name), tokenizer=name)
+        return read_named_pretrained(str(name_or_path))
     path = Path(name_or_path)
     if path.is_file():
         return read_gguf_model(path)

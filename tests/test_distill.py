@@ -147,7 +147,7 @@ def test_history_and_recall_curves(wikitext, teacher_path, tmp_path):
     assert [(e["phase"], e["step"]) for e in entries if "estimate_loss" in e] == [("estimator-loss", 2)]
     entries = [e for e in entries if "recall" in e]
     assert [(e["phase"], e["step"]) for e in entries] == [("estimator", 0), ("estimator", 1), ("estimator", 2),
-                                                          ("sea", 1), ("sea", 2)]
+                                                          ("sea", 0), ("sea", 1), ("sea", 2)]  # 0: before distilling
     assert entries[-1]["tokens"] == 2 * 2 * 64 and 0 < entries[-1]["recall_late"] <= entries[-1]["recall"] <= 1
     evaluate.main(["--curves", str(out / "history.jsonl"), "--plot", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000

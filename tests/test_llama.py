@@ -282,19 +282,29 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
     monkeypatch.setenv("SEA_DATA_DIR", str(wikitext))
     monkeypatch.delenv(train.TEST_DATA_ENV, raising=False)  # the test split from the same folder
     out = tmp_path / "demo"
-    rows = train.demo(str(gguf_path), block_size=32, k=4, t_m=8, warm_up_steps=2, windows=2,
+    rows = train.demo(str(gguf_path), block_size=32, k=4, t_m=8, distill_steps=2, warm_up_steps=2, windows=2,
                       out_dir=str(out))
-    assert list(rows) == ["dense teacher", "sea, residual", "sea, paper's", *train.DEMO_SWAPS]
+    distilled = ["sea, distilled 2", "sink-window, distilled 2"]
+    assert list(rows) == ["dense teacher", *train.DEMO_SWAPS, "sea, paper's", *distilled]
+    assert [rows[name]["training"] for name in ("window", "sea, paper's", *distilled)] == [
+        "none", "warm-up 2 windows", "distilled 2 steps", "distilled 2 steps"]
     assert all(row["windows"] == 2 and row["ppl"] > 1 for row in rows.values())
     assert all(0 <= row["recall_late"] <= row["oracle_late"] + 1e-5 for name, row in rows.items()
                if name != "dense teacher")
     assert json.loads((out / "table.json").read_text()).keys() == rows.keys()
-    assert (out / "attention.png").stat().st_size > 0 and (out / "recall-per-layer.png").stat().st_size > 0
+    for picture in ("attention.png", "recall-per-layer.png", "distillation.png"):
+        assert (out / picture).stat().st_size > 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)
-    saved = out / "sea-residual" / "ckpt.pt"
-    ppl = evaluate.main(["--ckpt", str(saved), "--block-size", "32", "--max-windows", "2"])
-    assert ppl == pytest.approx(rows["sea, residual"]["ppl"], rel=1e-4)
+    sea_ratio = rows["sea, distilled 2"]["ratio"]
+    sentence = next(line for line in printed.splitlines() if line.startswith("distillation, 2 steps each"))
+    assert f"to {sea_ratio:.3f}x" in sentence  # measured, not written in advance
+    for method, name in zip(train.DEMO_STUDENTS, distilled):
+        history = [json.loads(line) for line in (out / method / "history.jsonl").read_text().splitlines()]
+        assert [entry["step"] for entry in history] == [0, 1, 2]  # the curve starts untrained
+        ppl = evaluate.main(["--ckpt", str(out / method / "ckpt.pt"), "--block-size", "32", "--max-windows", "2"])
+        assert ppl == pytest.approx(rows[name]["ppl"], rel=1e-4)
+    saved = out / "sea" / "ckpt.pt"
     capsys.readouterr()
     evaluate.main(["--ckpt", str(saved), "--sample", "the cat", "--max-new-tokens", "3", "--top-k", "1"])
     assert capsys.readouterr().out.startswith("the cat")

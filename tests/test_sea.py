@@ -12,7 +12,7 @@ from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
 import sea
 from controls import CONTROLS, OracleAttention, PerfectEstimateAttention, SinkWindowAttention, WindowAttention
 from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets,
-                 causal_linear_attention, decompress, end_bins, estimate_loss, estimated_attention_map, grouped_topk,
+                 causal_linear_attention, decompress, estimate_loss, estimated_attention_map, spread_bonus, grouped_topk,
                  kept_key_mask, masked_attention, pooled_logit_moments, row_budget, sparse_attention)
 
 
@@ -314,11 +314,20 @@ def test_pooled_logit_moments_are_each_bins_mean_logit_and_channel_variance(D, T
     torch.testing.assert_close(later, (mean[:, :, 30:], variance[:, :, 30:]))
 
 
-def test_end_bins_hold_key_0_and_the_rows_own_key():
-    for T_M in (4, 16):
-        rows = torch.arange(40)
-        bins = formula_key_bins(40, T_M)
-        assert torch.equal(end_bins(rows, T_M), torch.stack([bins[:, 0], bins[rows, rows]], dim=1))
+def test_the_spread_bonus_is_never_above_what_logits_of_that_variance_can_give():
+    torch.manual_seed(0)
+    for n in (2, 3, 8):
+        logits = 6 * torch.randn(500, n, dtype=torch.float64)  # spread enough that the cap binds
+        gap = logits.logsumexp(-1) - math.log(n) - logits.mean(-1)  # what the bonus estimates
+        variance = logits.var(-1, unbiased=False)
+        bonus = spread_bonus(variance[None], torch.full((500,), n, dtype=torch.float64))[0]
+        capped = bonus < variance / 2  # the normal's variance / 2 (an estimate, not a bound) is too much there
+        assert capped.sum() > 300 and (bonus <= variance / 2).all() and (gap[capped] <= bonus[capped] + 1e-9).all()
+        one_above = torch.tensor([math.sqrt(n - 1)] + [-1 / math.sqrt(n - 1)] * (n - 1), dtype=torch.float64)
+        worst = 10 * one_above  # one logit far above the rest: the bound is reached
+        torch.testing.assert_close(spread_bonus(worst.var(unbiased=False).view(1, 1), torch.tensor([float(n)])),
+                                   (worst.logsumexp(0) - math.log(n)).view(1, 1))
+    assert spread_bonus(torch.tensor([[3.0, 0.5]]), torch.tensor([1.0, 1000.0])).tolist() == [[0.0, 0.25]]
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
