@@ -8,8 +8,7 @@ its estimate. Each says only which keys a (head, row) keeps (choose_keys); none 
     block-mean      fixed blocks of SEAConfig.block keys, scored by q . (the block's mean key) (MoBA)
     block-bound     the same blocks, scored by Quest's bound sum_c max(q_c kmax_c, q_c kmin_c)
     sea-heuristic   SEA's bins, budget and grouped top-k, each bin scored from the keys with no learned
-                    part (sea.heuristic_bin_scores), every head keeping its first and last bin: the row a
-                    learned SEA estimate must beat
+                    part (sea.heuristic_bin_scores): the row a learned SEA estimate must beat
 
 For analysis only (they read the exact T x T attention, which a cheap method cannot):
 
