@@ -116,15 +116,11 @@ def bin_widths(rows, t_m):
     return bin_edges(rows, t_m).diff(dim=1)
 
 
-def bins_of(rows, keys, t_m):
-    """(R, n) long: the bin c(i, j) of each key j of keys (R, n) in row i, the last bin whose first key
-    (bin_edges) is at most j (keys j > i: the last bin)."""
-    return (torch.searchsorted(bin_edges(rows, t_m), keys.contiguous(), right=True) - 1).clamp(max=t_m - 1)
-
-
 def key_bins(rows, T, t_m):
-    """(R, T) long: the bin of every key 0..T-1 in each row."""
-    return bins_of(rows, torch.arange(T, device=rows.device).expand(len(rows), T), t_m)
+    """(R, T) long: the bin c(i, j) of key j in row i, the last bin whose first key (bin_edges) is at most j
+    (keys j > i: the last bin)."""
+    keys = torch.arange(T, device=rows.device).expand(len(rows), T).contiguous()
+    return (torch.searchsorted(bin_edges(rows, t_m), keys, right=True) - 1).clamp(max=t_m - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -304,9 +300,9 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     O(T_M sub_bins D) work a row, whatever T."""
     B, H, R, _ = q.shape
     mean, variance = pooled_logit_moments(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins) each
-    log_fine_widths = bin_widths(rows, t_m * sub_bins).to(mean.dtype).clamp_min(1e-30).log()
+    fine_widths = bin_widths(rows, t_m * sub_bins).to(mean.dtype)  # (R, T_M * sub_bins)
     widths = bin_widths(rows, t_m)  # (R, T_M)
-    fine = mean + spread_bonus(variance, bin_widths(rows, t_m * sub_bins).to(mean.dtype)) + log_fine_widths
+    fine = mean + spread_bonus(variance, fine_widths) + fine_widths.clamp_min(1e-30).log()
     middle = fine.view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
     q, k = full_precision(q), full_precision(k)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
