@@ -4,12 +4,13 @@ Benchmarks: how fast SEA runs, and in how much memory, against dense attention.
     python bench.py --bench [--plot bench.png]     # the attention alone, 1k..32k (128k on a GPU)
     python bench.py --bench-decode                  # ms per generated token with a cache, OPT-125m shape
     python bench.py --bench-model [--plot p.png]    # SmolLM2-135M's shape: prefill 2k..32k, decoding after it
+    python bench.py --bench-model --init-from smollm2-135m --data-dir DIR   # the real model, 1k..8k
     python bench.py --profile                       # where SEA's time goes, step by step, at 2k and 32k
     python bench.py --profile-decode                # where a generated token's time goes, after 2k and 32k
 
 Every measurement runs in a child process of its own, so its peak memory is its own. Models have
-random weights: speed and memory do not depend on them (SEA's kept keys come from an untrained
-estimate, as many as a trained one keeps).
+random weights unless --init-from names pretrained ones: speed and memory hardly depend on them (SEA's kept
+keys come from an untrained estimate, as many as a trained one keeps).
 """
 
 import argparse
@@ -28,6 +29,8 @@ import torch
 
 from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, length_list, positive_int,
                  write_records)
+from controls import CONTROLS
+from data import load_tokens
 from model import Decoder, DecoderConfig, DenseAttention, LayerCache
 from performer import PerformerAttention
 from sea import SEAAttention, SEAConfig, causal_mask
@@ -117,8 +120,7 @@ def bench_child(spec):
     """Runs in the child process: one measurement, printed as JSON."""
     torch.manual_seed(0)
     if spec["kind"] == "decode":
-        return print(json.dumps(time_decoding(spec["preset"], spec["method"], spec["length"], spec["new_tokens"],
-                                              spec["device"], spec["dtype"])))
+        return print(json.dumps(time_decoding(spec)))
     sea, dtype = SEAConfig(**spec["sea"]), getattr(torch, spec["dtype"])
     if spec["kind"] == "model":
         run = model_under_test(spec["method"], spec["length"], spec["device"], spec["dtype"], sea)
@@ -267,28 +269,42 @@ def plot_against_length(records, methods, panels, path, title):
 
 
 @torch.no_grad()
-def time_decoding(preset, method, context, new_tokens, device, dtype):
-    """One prefill of `context` random tokens, then `new_tokens` greedy tokens, through a model of
-    `preset`'s shape (random weights): dense attention (SDPA) with its key/value cache, or SEA with
-    its own; `eager` runs the prefill alone, its T x T probabilities materialized. Returns the
-    prefill's seconds, the seconds per generated token, and the peak memory of the whole process
-    (CUDA: allocated)."""
+def time_decoding(spec):
+    """One prefill of spec["length"] tokens, then spec["new_tokens"] greedy tokens, through a model of
+    spec["preset"]'s shape with random weights, or the pretrained spec["init_from"] (a prompt of the test
+    split's text when spec["data_dir"] is given, else random tokens): dense attention (SDPA) with its
+    key/value cache, or spec["method"]'s attention (spec["attn"], spec["sea"]) with its own; `eager` runs
+    the prefill alone, its T x T probabilities materialized. Returns the prefill's seconds, the seconds per
+    generated token, the PyTorch operator calls of one generated token per layer, and the peak memory of the
+    whole process (CUDA: allocated)."""
+    device, method, context, new_tokens = spec["device"], spec["method"], spec["length"], spec["new_tokens"]
+    positions = context + new_tokens + 1  # the prompt, the timed tokens, one more whose operator calls are counted
     synchronize = synchronizer(device)
-    config = DecoderConfig.preset(preset, attn="dense" if method == "eager" else method,
-                                  block_size=max(DecoderConfig.preset(preset).block_size, context + new_tokens))
-    model = Decoder(config).to(device).eval()
+    attn = spec.get("attn", method)
+    overrides = dict(attn="dense" if attn == "eager" else attn, sea=SEAConfig(**spec.get("sea", {})))
+    if spec.get("init_from"):
+        model = Decoder.from_pretrained(spec["init_from"], **overrides)
+        # a token after the model's whole context: rotary positions run on (the rows have no table of positions)
+        model.config.block_size = max(model.config.block_size, positions)
+        if attn in CONTROLS:  # training-free: the gates fully open, as eval.py swaps them in
+            for block in model.layers:
+                block.self_attn.mechanism.open_gates()
+    else:
+        block_size = max(DecoderConfig.preset(spec["preset"]).block_size, positions)
+        model = Decoder(DecoderConfig.preset(spec["preset"], block_size=block_size, **overrides))
+    model = model.to(device).eval()
     for module in model.modules():
         if isinstance(module, DenseAttention):
-            module.eager = method == "eager"
-    prompt = torch.randint(0, config.vocab_size, (1, context), device=device)
-    caches = [LayerCache(capacity=context + new_tokens) for _ in model.layers]
+            module.eager = attn == "eager"
+    prompt = benchmark_prompt(spec, model.config, device)
+    caches = [LayerCache(capacity=positions) for _ in model.layers]
     # the last position's logits only, as generation needs: a 32k prompt's every logit would be 6 GB
     step = lambda tokens, caches=caches: model.next_logits(tokens, caches)
-    with autocast_context(device, dtype):
+    with autocast_context(device, spec["dtype"]):
         step(prompt[:, :64], None)  # warm-up
         synchronize()
         started = time.perf_counter()
-        if method == "eager":
+        if attn == "eager":
             step(prompt, None)
             synchronize()
             return dict(prefill_seconds=time.perf_counter() - started, peak_bytes=peak_bytes(device))
@@ -298,8 +314,21 @@ def time_decoding(preset, method, context, new_tokens, device, dtype):
         for _ in range(new_tokens):
             token = step(token).argmax(-1)
         synchronize()
-    return dict(prefill_seconds=prefill, seconds_per_token=(time.perf_counter() - started) / new_tokens,
+        per_token = (time.perf_counter() - started) / new_tokens
+        _, calls = count_calls(lambda: step(token), device)
+    return dict(prefill_seconds=prefill, seconds_per_token=per_token, calls_per_layer=calls / len(model.layers),
                 peak_bytes=peak_bytes(device))
+
+
+def benchmark_prompt(spec, config, device):
+    """(1, T) token ids: the test split's first T tokens where spec["data_dir"] names the data, else random ids."""
+    if spec.get("data_dir"):
+        tokens = load_tokens("test", spec["data_dir"], None, config.tokenizer)
+        if len(tokens) < spec["length"]:
+            raise ValueError(f"the test split holds {len(tokens):,} tokens, fewer than a prompt of {spec['length']:,}; "
+                             f"use shorter --bench-lengths")
+        return torch.from_numpy(tokens[:spec["length"]].astype("int64"))[None].to(device)
+    return torch.randint(0, config.vocab_size, (1, spec["length"]), device=device)
 
 
 def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
@@ -322,54 +351,67 @@ def decode_benchmark(contexts, device, dtype, new_tokens, json_path=None):
     return records
 
 
-def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=None):
-    """SmolLM2-135M's shape (random weights): a whole prefill at each length with eager attention,
-    dense SDPA and SEA, and ms per generated token after it (dense with its key/value cache, SEA
-    with its own), with the peak memory; each figure from a child process of its own."""
-    config = DecoderConfig.preset("smollm2-135m")
+LONG_CONTEXT_SEA = dict(t_m=1024, sub_bins=1)  # SEA as the 8,192-token quality table runs it (README)
+RANDOM_WEIGHTS_ROWS = {"eager": dict(attn="eager"), "dense": dict(attn="dense"), "sea": dict(attn="sea")}
+PRETRAINED_ROWS = {"dense": dict(attn="dense"),
+                   "sea-heuristic k=256": dict(attn="sea-heuristic", sea=dict(LONG_CONTEXT_SEA, k=256)),
+                   "sea-heuristic k=64": dict(attn="sea-heuristic", sea=dict(LONG_CONTEXT_SEA, k=64))}
+
+
+def model_benchmark(lengths, device, dtype, new_tokens, plot=None, json_path=None, init_from=None, data_dir=None):
+    """SmolLM2-135M, a whole prefill at each length and ms per generated token after it, with the peak memory
+    and a generated token's operator calls per layer; each figure from a child process of its own. With random
+    weights (init_from None): eager attention, dense SDPA and SEA (the paper's estimator); with the pretrained
+    `init_from` (the model a user runs): dense and our estimate untrained (sea-heuristic) in the long-context
+    configuration at k = 256 and 64, the prompt the test split's text when `data_dir` is given."""
+    rows = PRETRAINED_ROWS if init_from else RANDOM_WEIGHTS_ROWS
+    model = Decoder.from_pretrained(init_from) if init_from else Decoder(DecoderConfig.preset("smollm2-135m"))
+    config, weights = model.config, 4 * model.num_params()  # float32 bytes
+    del model
     budget = memory_budget(device)
-    print(f"SmolLM2-135M shape (random weights), on {device_name(device)}, {dtype}, SEA k={SEAConfig.k} "
-          f"T_M={SEAConfig.t_m}: prefill (s) / ms per generated token (over {new_tokens}) / peak memory (MB)")
-    print(f"{'T':>7} " + " ".join(f"{method:>28}" for method in MODEL_METHODS))
+    name = init_from or "SmolLM2-135M's shape (random weights)"
+    print(f"{name}, prompt {'the test split' if data_dir else 'random tokens'}, on {device_name(device)}, {dtype}: "
+          f"prefill (s) / ms per generated token (over {new_tokens}) / peak memory (MB) / operator calls a layer "
+          f"for a token")
+    print(f"{'T':>7} " + " ".join(f"{method:>34}" for method in rows))
     records = []
     def describe(result):
         per_token = f"{result['seconds_per_token'] * 1e3:.0f}" if "seconds_per_token" in result else "-"
-        return f"{result['prefill_seconds']:>9.2f} / {per_token:>6} / {result['peak_bytes'] / 2**20:>7.0f}"
+        calls = f"{result['calls_per_layer']:.0f}" if "calls_per_layer" in result else "-"
+        return f"{result['prefill_seconds']:>9.2f} / {per_token:>6} / {result['peak_bytes'] / 2**20:>7.0f} / {calls:>5}"
 
     for length in lengths:
         spec = lambda method: dict(kind="decode", preset="smollm2-135m", method=method, length=length,
-                                   new_tokens=new_tokens, device=device, dtype=dtype)
-        for method, result in measure_row(length, MODEL_METHODS, spec, config.n_head, budget, describe,
-                                          width=28).items():
+                                   new_tokens=new_tokens, device=device, dtype=dtype, init_from=init_from,
+                                   data_dir=data_dir, **rows[method])
+        for method, result in measure_row(length, rows, spec, config.n_head, budget, describe, width=34).items():
             records.append(dict(kind="smollm2", method=method, T=length, device=device_name(device), dtype=dtype,
-                                **result))
+                                init_from=init_from, **rows[method], **result))
     bandwidth = read_bandwidth()
     print(f"the floor of a generated token, every byte it must read once at {bandwidth / 1e9:.1f} GB/s "
           f"(this machine's read bandwidth):")
-    weights = 4 * Decoder(config).num_params()  # float32 bytes
+    sea_budgets = {method: SEAConfig(**row.get("sea", {})).k for method, row in rows.items() if "sea" in row["attn"]}
     for length in lengths:
-        floor = decoding_floor(config, weights, length, SEAConfig(), bandwidth)
+        floor = decoding_floor(config, weights, length, sea_budgets, bandwidth)
         print(f"{length:>7} " + "  ".join(f"{method} {n / 2**20:,.0f} MB, {s * 1e3:.0f} ms"
                                           for method, (n, s) in floor.items()))
         records += [dict(kind="floor", method=method, T=length, bytes_per_token=n, seconds_per_token=s,
                          bandwidth=bandwidth) for method, (n, s) in floor.items()]
     of = lambda method, t, key: next((r.get(key) for r in records if r["method"] == method and r["T"] == t
                                       and r["kind"] == "smollm2"), None)
-    print("SEA / dense:  " + ";  ".join(
-        f"T={t}: prefill {of('sea', t, 'prefill_seconds') / of('dense', t, 'prefill_seconds'):.2f}, "
-        f"decoding {of('sea', t, 'seconds_per_token') / of('dense', t, 'seconds_per_token'):.2f}"
-        for t in lengths if of("sea", t, "prefill_seconds") and of("dense", t, "prefill_seconds")))
+    for method in sea_budgets:
+        print(f"{method} / dense:  " + ";  ".join(
+            f"T={t}: prefill {of(method, t, 'prefill_seconds') / of('dense', t, 'prefill_seconds'):.2f}, "
+            f"decoding {of(method, t, 'seconds_per_token') / of('dense', t, 'seconds_per_token'):.2f}"
+            for t in lengths if of(method, t, "prefill_seconds") and of("dense", t, "prefill_seconds")))
     if plot:
         panels = (("prefill_seconds", 1, "prefill (s)"), ("seconds_per_token", 1e3, "decoding (ms per token)"),
                   ("peak_bytes", 2 ** -20, "peak memory (MB)"))
-        plot_against_length([r for r in records if r["kind"] == "smollm2"], MODEL_METHODS, panels, plot,
-                            f"SmolLM2-135M shape, whole model: {device_name(device)}, {dtype}")
+        plot_against_length([r for r in records if r["kind"] == "smollm2"], list(rows), panels, plot,
+                            f"{name}, whole model: {device_name(device)}, {dtype}")
     if json_path:
         write_records(records, json_path)
     return records
-
-
-MODEL_METHODS = ("eager", "dense", "sea")
 
 
 def read_bandwidth(megabytes=512, repeats=5):
@@ -384,13 +426,14 @@ def read_bandwidth(megabytes=512, repeats=5):
     return buffer.numel() * 4 / best
 
 
-def decoding_floor(config, weights, context, sea, bandwidth):
+def decoding_floor(config, weights, context, sea_budgets, bandwidth):
     """The least a generated token can cost: the bytes it must read, at `bandwidth`. Every weight once
     (`weights` bytes); dense attention every cached key and value; SEA about k keys and values per query
-    head of each layer (its estimate's state is small). Returns {method: (bytes, seconds)}."""
+    head of each layer (its estimate's state is small), for each {method: k} of sea_budgets. Returns
+    {method: (bytes, seconds)}, dense first."""
     per_position = 2 * config.n_layer * config.kv_heads * config.head_dim * 4  # one position's keys and values
-    kept = 2 * config.n_layer * config.n_head * min(sea.k, context) * config.head_dim * 4
-    read = {"dense": weights + context * per_position, "sea": weights + kept}
+    kept = lambda k: 2 * config.n_layer * config.n_head * min(k, context) * config.head_dim * 4
+    read = {"dense": weights + context * per_position} | {method: weights + kept(k) for method, k in sea_budgets.items()}
     return {method: (n, n / bandwidth) for method, n in read.items()}
 
 
@@ -482,6 +525,10 @@ def parse_args(argv):
                    help="--bench: sequence length of the whole-model line (OPT-125m shape)")
     p.add_argument("--max-new-tokens", type=positive_int, default=16, help="--bench-decode, --bench-model: "
                                                                            "generated tokens to time")
+    p.add_argument("--init-from", help="--bench-model: pretrained weights (smollm2-135m, or a llama GGUF file) instead "
+                                       "of random ones; rows dense and sea-heuristic at k = 256 and 64 (default lengths 1k..8k)")
+    p.add_argument("--data-dir", help="--bench-model: the prompt is the test split's text from this WikiText-2 folder "
+                                      "(default: random tokens)")
     p.add_argument("--json", help="also write every measurement to this JSON file")
     p.add_argument("--plot", help="--bench, --bench-model: PNG file of time and memory against T")
     p.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -503,8 +550,9 @@ def run(args):
         lengths = args.bench_lengths or [1024, 2048, 4096, 8192]
         return decode_benchmark(lengths, args.device, dtype, args.max_new_tokens, args.json)
     if args.bench_model:
-        lengths = args.bench_lengths or [2048, 4096, 8192, 16384, 32768]
-        return model_benchmark(lengths, args.device, dtype, args.max_new_tokens, args.plot, args.json)
+        lengths = args.bench_lengths or ([1024, 2048, 4096, 8192] if args.init_from else [2048, 4096, 8192, 16384, 32768])
+        return model_benchmark(lengths, args.device, dtype, args.max_new_tokens, args.plot, args.json,
+                               args.init_from, args.data_dir)
     if args.profile_decode:
         records = profile_decoding(args.bench_lengths or [2048, 32768], args.max_new_tokens)
     else:

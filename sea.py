@@ -222,11 +222,12 @@ class CompressedScoreDecoder(nn.Module):
 
 class KeyPrefixSums:
     """prefix[j] = [k_0 + ... + k_{j-1}, k_0^2 + ... + k_{j-1}^2], (B, H_kv, T + 1, 2D) in float64: the keys' sums
-    and their squares' (per channel), for pooled_logit_moments. float64, because a bin's variance is a small
-    difference of large sums: a channel whose keys sit near 20 sums their squares to 3e6 over 8k keys, where
-    float32 keeps 0.25, while the 8 keys of a bin vary by about 1 (float32 sums made the choice of keys depend
-    on how the rows were cut into chunks). Each chunk of rows and each decoding step appends the sums of its
-    keys (GrowingRows), so a pass over T rows costs O(T D) however it is cut."""
+    and their squares' (per channel), from which block_moments reads any block's mean key and variance.
+    float64, because a block's variance is a small difference of large sums: a channel whose keys sit near 20
+    sums their squares to 3e6 over 8k keys, where float32 keeps 0.25, while the 8 keys of a block vary by about
+    1 (float32 sums made the choice of keys depend on how the rows were cut into chunks). Each chunk of rows and
+    each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs O(T D) however it
+    is cut."""
 
     def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
         self.prefix = GrowingRows()
@@ -246,65 +247,76 @@ def key_moments(k):
     return torch.cat([k, k * k], dim=-1)
 
 
-POOLED_FLOATS = 1 << 22  # pooled_logit_moments gathers the prefix rows at the edges in pieces of about this many floats
-
-
-def pooled_logit_moments(q, prefix, rows, t_m):
-    """The mean and the variance of the logits q_i . k_j over the keys of bin c of row i, for the query rows
-    q (B, H, R, D) at positions `rows`: two (B, H, R, T_M), 0 for empty bins. The variance takes the key
-    channels as independent, sum_d q_d^2 Var(k_d), from the sums of the keys and of their squares
-    (KeyPrefixSums): O(T_M D) work a row, whatever T. Part of the heuristic estimate (ours)."""
-    q = full_precision(q)
-    B, H, R, D = q.shape
-    edges = bin_edges(rows, t_m)  # (R, T_M + 1)
-    widths = edges.diff(dim=-1).clamp_min(1).to(q.dtype)  # (R, T_M)
-    groups = q.reshape(B, prefix.size(1), -1, R, D)  # (B, H_kv, G, R, D)
-    mean, variance = q.new_empty(B, H, R, t_m), q.new_empty(B, H, R, t_m)
-    step = max(1, POOLED_FLOATS // (prefix.size(1) * (t_m + 1) * D))
-    dot = lambda a, b: torch.einsum("bkgrd,bkrcd->bkgrc", a, b).flatten(1, 2)  # (B, H, r, C) from (.., r, D), (.., r, C, D)
-    sum_prefix, square_prefix = prefix.split(D, dim=-1)  # (B, H_kv, T + 1, D) each
-    for first in range(0, R, step):  # a piece of rows at a time
-        piece = slice(first, first + step)
-        g, w = groups[:, :, :, piece], widths[piece]  # (B, H_kv, G, r, D), (r, T_M)
-        # the sums over each bin's keys, (B, H_kv, r, T_M, D) each: differences taken in float64, then q's precision
-        key_sum = sum_prefix[:, :, edges[piece]].diff(dim=-2).to(q.dtype)
-        square_sum = square_prefix[:, :, edges[piece]].diff(dim=-2).to(q.dtype)
-        mean[:, :, piece] = dot(g, key_sum) / w
-        # sum_d q_d^2 Var(k_d) = (q^2 . sum k^2) / w - (q^2 . (sum k)^2) / w^2
-        variance[:, :, piece] = (dot(g * g, square_sum) - dot(g * g, key_sum.square()) / w) / w
-    return mean, variance.clamp_min(0)
+def block_moments(prefix, size, count, dtype):
+    """The mean key and the keys' per-channel variance of the blocks [j size, (j + 1) size), j < count, from the
+    KeyPrefixSums' prefix (B, H_kv, T + 1, 2D): (B, H_kv, count, D) each, taken in float64, returned in dtype."""
+    mean, square = (prefix[:, :, :count * size + 1:size].diff(dim=2) / size).chunk(2, dim=-1)
+    return mean.to(dtype), (square - mean * mean).clamp_min(0).to(dtype)
 
 
 def spread_bonus(variance, n):
     """How far the log of the mean of exp over n logits lies above their mean, from their variance: variance / 2
     if they were normal, but never more than n logits of that variance can give, which is when one lies far
     above the rest, log((exp(s sqrt(n - 1)) + (n - 1) exp(-s / sqrt(n - 1))) / n) with s the standard
-    deviation. Without that cap, bins of 2 to 8 keys were overvalued whenever their keys' channels varied.
-    variance (B, H, R, C), n (R, C) the keys per bin; 0 where n <= 1."""
+    deviation. Without that cap, blocks of 2 to 8 keys were overvalued whenever their keys' channels varied.
+    variance (..., C), n (C,) or a number, the keys per block; 0 where n <= 1."""
+    n = torch.as_tensor(n, dtype=variance.dtype, device=variance.device)
     spread, root = variance.clamp_min(1e-30).sqrt(), (n - 1).clamp_min(1).sqrt()  # (no infinite gradient at 0)
     most = torch.logaddexp(spread * root, (n - 1).clamp_min(1).log() - spread / root) - n.clamp_min(1).log()
     return torch.minimum(variance / 2, most).masked_fill(n <= 1, 0.0)
+
+
+def heuristic_block_size(rows, blocks):
+    """(R,) long: the keys per block of the heuristic estimate in each row i, (i + 1) // blocks (at least 1), so
+    that a row's blocks number between `blocks` and twice that (at most 1.25 times that once the size is 4), and the
+    size of a row changes only every `blocks` rows: the rows of a chunk share one or two sizes."""
+    return ((rows + 1) // blocks).clamp_min(1)
+
+
+def block_bin_scores(q, prefix, rows, t_m, size):
+    """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
+    whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
+    of the blocks whose middle falls in it, each block's keys taken at mean + spread_bonus of their logits
+    (block_moments). Two matmuls and a running sum over the blocks: O(T / size) work a row. The first and the
+    last bin here are not used."""
+    count = (int(rows[-1]) + 1) // size  # the blocks complete in the last row
+    mean, variance = block_moments(prefix, size, count, q.dtype)  # (B, H_kv, n, D) each
+    logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, R, n): each block's mean logit
+    if size > 1:
+        logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
+    # block j's middle, j size + size / 2, lies in bin c of row i from the first j with (2 j + 1) size T_M >= 2 c (i + 1)
+    c = torch.arange(t_m + 1, device=q.device)
+    starts = (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)  # (R, T_M + 1)
+    block = torch.arange(count, device=q.device)
+    middle = (block >= starts[:, 1:2]) & (block < starts[:, -2:-1])  # (R, n): the blocks of bins 1 .. T_M - 2
+    logits = logits.masked_fill(~middle, float("-inf"))
+    shift = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).min)  # (B, H, R, 1)
+    # the exp of each block's logits summed in float64, as a running sum read at the bins' first blocks
+    running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, R, n + 1)
+    bins_of = lambda index: running.gather(-1, index.expand(*running.shape[:2], *index.shape))
+    mass = bins_of(starts[:, 1:]) - bins_of(starts[:, :-1])  # (B, H, R, T_M)
+    blocks = starts.diff(dim=-1).clamp_min(1).to(mass.dtype)  # (R, T_M) blocks a bin, all of `size` keys
+    return (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(q.dtype) + shift
 
 
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
     positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
-    The middle bins estimate it from `sub_bins` finer bins each (the bins of T_M * sub_bins, which
-    nest in them), every sub-bin's logits from their mean and variance (pooled_logit_moments, from the
-    prefix sums) as mean + spread_bonus: log(sum_s w_s exp(m_s + bonus_s) / w). Without the spread (the
-    mean logit alone, a lower bound by Jensen) a sub-bin of 8 keys that holds one strong key is
-    undervalued many times over. The first bin (the attention sink) and the last (the query's own
-    neighbourhood), where pretrained heads put much mass on single keys, are computed exactly from their
-    few keys. 0 for empty bins.
-    O(T_M sub_bins D) work a row, whatever T."""
+    The middle bins estimate it from fixed blocks of keys (block_bin_scores), at least `sub_bins` a bin
+    (heuristic_block_size), every block's logits from their mean and variance (block_moments, from the
+    prefix sums) as mean + spread_bonus. Without the spread (the mean logit alone, a lower bound by
+    Jensen) a block of 8 keys that holds one strong key is undervalued many times over. The first bin
+    (the attention sink) and the last (the query's own neighbourhood), where pretrained heads put much
+    mass on single keys, are computed exactly from their few keys. 0 for empty bins.
+    O(T / block size) work a row: between T_M sub_bins and twice that."""
     B, H, R, _ = q.shape
-    mean, variance = pooled_logit_moments(q, prefix, rows, t_m * sub_bins)  # (B, H, R, T_M * sub_bins) each
-    fine_widths = bin_widths(rows, t_m * sub_bins).to(mean.dtype)  # (R, T_M * sub_bins)
-    widths = bin_widths(rows, t_m)  # (R, T_M)
-    fine = mean + spread_bonus(variance, fine_widths) + fine_widths.clamp_min(1e-30).log()
-    middle = fine.view(B, H, R, t_m, sub_bins).logsumexp(-1) - widths.clamp_min(1).log()
     q, k = full_precision(q), full_precision(k)
+    sizes, counts = torch.unique_consecutive(heuristic_block_size(rows, t_m * sub_bins), return_counts=True)
+    parts = torch.arange(R, device=q.device).split(counts.tolist())  # the runs of rows with one block size
+    middle = torch.cat([block_bin_scores(q[:, :, part], prefix, rows[part], t_m, int(size))
+                        for part, size in zip(parts, sizes)], dim=2)
+    widths = bin_widths(rows, t_m)  # (R, T_M)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
     slot = torch.arange(W, device=q.device)
     first = grouped_matmul(q, k[:, :, :W].transpose(-2, -1))  # (B, H, R, W): the first bin's keys are 0, 1, ...
@@ -575,10 +587,10 @@ class DecodingState(NamedTuple):
     """What a SEA or window layer keeps between decoding steps besides the keys and values
     (decoding): the linear estimate's prefix sums, the last rows of e that the causal
     CNN reaches (HALO), the running sum of the values and, for SEA with pooled keys, the keys'
-    prefix sums."""
-    sums: tuple  # (S (B, H, m, 2D), z (B, H, m))
-    e_tail: torch.Tensor  # (B, H, <= HALO, 2D)
-    v_sum: torch.Tensor  # (B, H_kv, 1, D)
+    prefix sums. The first three are None where the gates are open and steps 1-2 and 8 do not run."""
+    sums: Optional[tuple]  # (S (B, H, m, 2D), z (B, H, m))
+    e_tail: Optional[torch.Tensor]  # (B, H, <= HALO, 2D)
+    v_sum: Optional[torch.Tensor]  # (B, H_kv, 1, D)
     key_prefix: Optional[KeyPrefixSums]
 
 
@@ -667,10 +679,12 @@ class GatedSparseAttention(nn.Module):
         rows). materialize: step 7 as a masked dense softmax, the (B, H, R, T) mask in aux."""
         T = k.size(2)
         rows = torch.arange(row0, T, device=q.device)
-        new_k, new_v = k[:, :, row0:], full_precision(v[:, :, row0:])  # (B, H_kv, R, D)
-        # steps 1-2: the linear estimate over [positions, values], encoded: e (B, H, R, 2D)
-        e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
-        e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
+        new_k, e_rows, sums = k[:, :, row0:], None, None  # (B, H_kv, R, D)
+        gated = self.needs_gates()
+        if gated:  # steps 1-2: the linear estimate over [positions, values], encoded: e (B, H, R, 2D)
+            new_v = full_precision(v[:, :, row0:])
+            e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
+            e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
         key_prefix = None
         if self.uses_key_prefix():
             key_prefix = KeyPrefixSums(new_k) if state is None else state.key_prefix.extend(new_k)
@@ -687,13 +701,21 @@ class GatedSparseAttention(nn.Module):
             context = sparse_attention_blocks(q, k, v, kept.bins, row0)
         else:
             context = sparse_attention(q, k, v, key_ranges(kept))  # step 6, then 7
+        aux["kept_per_head"] = kept.per_head()
+        if not gated:  # open gates: steps 7-8 give the context itself, exactly
+            return context.to(v.dtype), aux, DecodingState(None, None, None, key_prefix)
         # steps 7-8: the gate g0 on that context, the mix g1 with the running mean of the values
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
         v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i, (B, H_kv, R, D)
         out = mix(context, g0, g1, v_sum, rows)
-        aux["kept_per_head"] = kept.per_head()
         state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
         return out.to(v.dtype), aux, state
+
+    def needs_gates(self):
+        """Whether steps 1-2, the gates and the mix run. Open gates (open_gates: sigmoid 1 exactly) make step 8's
+        output step 7's context exactly, so a control with open gates skips them (the training-free rows); SEA
+        always runs them, as its estimate reads e."""
+        return bool(self.gates.weight.any() or (self.gates.bias < GATE_OPEN).any())
 
     def encode(self, q, new_k, new_v, row0, sums=None):
         """Steps 1-2 for the rows row0 .. row0 + R - 1 (q (B, H, R, D); k, v (B, H_kv, R, D)): e (B, H, R, 2D)
@@ -747,6 +769,9 @@ class SEAAttention(GatedSparseAttention):
 
     def uses_key_prefix(self):
         return self.residual
+
+    def needs_gates(self):
+        return True
 
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, T_M)."""

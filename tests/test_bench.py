@@ -40,7 +40,7 @@ def test_model_benchmark_runs_on_smollm2s_shape(capsys, tmp_path):
     assert floors[0]["bytes_per_token"] == weights + cache and floors[1]["bytes_per_token"] > weights
     assert json.loads((tmp_path / "m.json").read_text()) == records and (tmp_path / "m.png").stat().st_size > 0
     out = capsys.readouterr().out
-    assert "SEA / dense:  T=32: prefill" in out and "the floor of a generated token" in out
+    assert "sea / dense:  T=32: prefill" in out and "the floor of a generated token" in out
 
 
 def test_decoding_profile_names_the_operators(capsys):

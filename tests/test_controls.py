@@ -62,12 +62,14 @@ def naive_bin(i, j, T_M):
 
 def naive_heuristic_scores(q, k, T_M, sub_bins):
     """(H, T, T_M) for one batch: the log of the mean of exp(q_i . k_j) over the first and last bins' keys;
-    over the others', each sub-bin (a bin of T_M * sub_bins) counted as its keys at exp(mean + variance / 2) of
-    their logits, the variance sum_d q_d^2 Var(k_d), or if less, at the mean exp of as many logits of that mean
-    and variance with one far above the rest; 0 for empty bins."""
+    over the others', the blocks of b keys from key 0 (b = (i + 1) // (T_M sub_bins), at least 1)
+    whose middle lies in the bin, each counted as its keys at exp(mean + variance / 2) of their logits, the variance
+    sum_d q_d^2 Var(k_d), or if less, at the mean exp of as many logits of that mean and variance with one far
+    above the rest; 0 for empty bins."""
     H, T, _ = q.shape
     scores = torch.zeros(H, T, T_M, dtype=q.dtype)
     for i in range(T):
+        size = max(1, (i + 1) // (T_M * sub_bins))
         for c in range(T_M):
             keys = [j for j in range(i + 1) if naive_bin(i, j, T_M) == c]
             if not keys:
@@ -76,24 +78,25 @@ def naive_heuristic_scores(q, k, T_M, sub_bins):
                 logits = torch.einsum("hd,hnd->hn", q[:, i], k[:, keys])
                 scores[:, i, c] = logits.logsumexp(-1) - math.log(len(keys))
                 continue
+            blocks = [b for b in range(T // size) if math.floor((b * size + size / 2) * T_M / (i + 1)) == c]
             total = 0
-            for sub in range(c * sub_bins, (c + 1) * sub_bins):
-                members = [j for j in keys if naive_bin(i, j, T_M * sub_bins) == sub]
-                if members:
-                    mean = (q[:, i] * k[:, members].mean(1)).sum(-1)
-                    variance = (q[:, i] ** 2 * k[:, members].var(1, unbiased=False)).sum(-1)
-                    n, spread = len(members), variance.sqrt()
-                    one_above = torch.stack([mean + spread * math.sqrt(n - 1)] +  # mean and variance as given
-                                            [mean - spread / math.sqrt(max(n - 1, 1))] * (n - 1))
-                    total = total + torch.minimum(n * torch.exp(mean + variance / 2), one_above.exp().sum(0))
-            scores[:, i, c] = torch.log(total / len(keys))
+            for b in blocks:
+                assert (b + 1) * size <= i + 1  # a middle bin's blocks are complete
+                members = k[:, b * size:(b + 1) * size]
+                mean = (q[:, i] * members.mean(1)).sum(-1)
+                variance = (q[:, i] ** 2 * members.var(1, unbiased=False)).sum(-1)
+                spread = variance.sqrt()
+                one_above = torch.stack([mean + spread * math.sqrt(size - 1)] +  # mean and variance as given
+                                        [mean - spread / math.sqrt(max(size - 1, 1))] * (size - 1))
+                total = total + torch.minimum(size * torch.exp(mean + variance / 2), one_above.exp().sum(0))
+            scores[:, i, c] = torch.log(total / (len(blocks) * size))
     return scores
 
 
-@pytest.mark.parametrize("sub_bins", [1, 3])
-def test_the_heuristic_estimate_is_exact_at_the_ends_and_pools_sub_bins_between(sub_bins):
+@pytest.mark.parametrize("sub_bins, T_M", [(1, 8), (3, 4), (1, 4)])
+def test_the_heuristic_estimate_is_exact_at_the_ends_and_pools_blocks_between(sub_bins, T_M):
     torch.manual_seed(0)
-    H, T, D, T_M = 2, 45, 8, 8
+    H, T, D = 2, 70, 8
     q = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     rows = torch.arange(T)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 gguf = pytest.importorskip("gguf")
 
+import bench  # noqa: E402
 import data  # noqa: E402
 from data import bytes_to_unicode, get_tokenizer  # noqa: E402
 from model import Decoder, DecoderConfig  # noqa: E402
@@ -308,3 +309,14 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
     capsys.readouterr()
     evaluate.main(["--ckpt", str(saved), "--sample", "the cat", "--max-new-tokens", "3", "--top-k", "1"])
     assert capsys.readouterr().out.startswith("the cat")
+
+
+def test_the_model_benchmark_runs_pretrained_weights_on_the_test_text(gguf_path, wikitext, capsys):
+    records = bench.main(["--bench-model", "--init-from", str(gguf_path), "--data-dir", str(wikitext),
+                          "--bench-lengths", "40", "--max-new-tokens", "2", "--device", "cpu"])
+    measured = [r for r in records if r["kind"] == "smollm2"]
+    assert [r["method"] for r in measured] == list(bench.PRETRAINED_ROWS)
+    assert all(r["prefill_seconds"] > 0 and r["seconds_per_token"] > 0 and r["calls_per_layer"] > 0
+               and r["init_from"] == str(gguf_path) for r in measured)
+    assert [r["method"] for r in records if r["kind"] == "floor"] == list(bench.PRETRAINED_ROWS)
+    assert "sea-heuristic k=64 / dense:  T=40: prefill" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import sea
 from controls import CONTROLS, OracleAttention, PerfectEstimateAttention, SinkWindowAttention, WindowAttention
 from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, spread_bonus, grouped_topk,
-                 kept_key_mask, masked_attention, pooled_logit_moments, row_budget, sparse_attention)
+                 kept_key_mask, masked_attention, block_moments, row_budget, sparse_attention)
 
 
 def formula_key_mask(keep):
@@ -284,34 +284,25 @@ def test_estimate_loss_per_bin_equals_the_direct_computation():
 
 
 
-@pytest.mark.parametrize("D, T_M", [(8, 16), (2, 4)])
-def test_pooled_logit_moments_are_each_bins_mean_logit_and_channel_variance(D, T_M, monkeypatch):
-    monkeypatch.setattr(sea, "POOLED_FLOATS", 1000)  # the rows in several pieces
+@pytest.mark.parametrize("size", [1, 3, 8])
+def test_block_moments_are_each_blocks_mean_key_and_channel_variance(size):
     torch.manual_seed(0)
-    B, H, H_kv, T = 2, 4, 2, 50
-    q = torch.randn(B, H, T, D, dtype=torch.float64)
-    k = torch.randn(B, H_kv, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
-    mean, variance = (torch.zeros(B, H, T, T_M, dtype=torch.float64) for _ in range(2))  # 0 for empty bins
-    bins = formula_key_bins(T, T_M)
-    for i in range(T):
-        for c in range(T_M):
-            keys = [j for j in range(i + 1) if bins[i, j] == c]
-            if keys:
-                members = k[:, :, keys].repeat_interleave(H // H_kv, dim=1)  # (B, H, n, D): head h reads h // G
-                mean[:, :, i, c] = (q[:, :, i] * members.mean(2)).sum(-1)
-                variance[:, :, i, c] = (q[:, :, i] ** 2 * members.var(2, unbiased=False)).sum(-1)
-    rows = torch.arange(T)
-    ours = pooled_logit_moments(q, KeyPrefixSums(k).sums(), rows, T_M)
-    torch.testing.assert_close(ours, (mean, variance))
+    B, H_kv, T, D = 2, 2, 50, 8
+    k = 5 + torch.randn(B, H_kv, T, D, dtype=torch.float64, requires_grad=True)  # training learns through the sums
+    count = T // size
+    blocks = k[:, :, :count * size].view(B, H_kv, count, size, D)
+    mean, variance = block_moments(KeyPrefixSums(k).sums(), size, count, torch.float64)
+    torch.testing.assert_close(mean, blocks.mean(3))
+    torch.testing.assert_close(variance, blocks.var(3, unbiased=False))
     weights = torch.randn_like(mean)
-    torch.testing.assert_close(torch.autograd.grad(((ours[0] + ours[1]) * weights).sum(), k)[0],
-                               torch.autograd.grad(((mean + variance) * weights).sum(), k)[0])
+    torch.testing.assert_close(torch.autograd.grad(((mean + variance) * weights).sum(), k)[0],
+                               torch.autograd.grad(((blocks.mean(3) + blocks.var(3, unbiased=False)) * weights).sum(), k)[0])
     k = k.detach()
     grown = KeyPrefixSums(k[:, :, :1])  # the sums built a few keys at a time, as decoding does
     for first, last in [(1, 2), (2, 9), (9, 10), (10, T)]:
         grown.extend(k[:, :, first:last])
-    later = pooled_logit_moments(q[:, :, 30:], grown.sums(), rows[30:], T_M)
-    torch.testing.assert_close(later, (mean[:, :, 30:], variance[:, :, 30:]))
+    later = block_moments(grown.sums(), size, count, torch.float32)
+    torch.testing.assert_close(later, (mean.float().detach(), variance.float().detach()))
 
 
 def test_the_spread_bonus_is_never_above_what_logits_of_that_variance_can_give():
