@@ -119,26 +119,43 @@ def perfect_estimate_recall(probs, k, t_m):
     return (probs * kept_key_mask(perfect_estimate_bins(probs, rows, k, t_m))).sum(-1)
 
 
-def mask_statistics(student, teacher, tokens, block_size, windows=RECALL_WINDOWS):
+class TeacherAttention:
+    """The teacher's attention on the split's first `windows` windows, and the perfect estimate's recall on it,
+    which the mask statistics of every student reuse: computed once for all the rows of a table. probs[layer]
+    (B, H, T, T)."""
+
+    @torch.no_grad()
+    def __init__(self, teacher, tokens, block_size, windows=RECALL_WINDOWS):
+        self.idx = sample_windows(tokens, block_size, windows).to(next(teacher.parameters()).device)
+        _, _, layers = teacher.eval().forward_internals(self.idx, need_hidden=False, logits=None)
+        self.probs = [layer["probs"] for layer in layers]
+        self.perfect = {}  # (k, T_M) -> each layer's perfect-estimate recall (B, H, T)
+
+    def perfect_recall(self, k, t_m):
+        if (k, t_m) not in self.perfect:
+            self.perfect[k, t_m] = [perfect_estimate_recall(probs, k, t_m) for probs in self.probs]
+        return self.perfect[k, t_m]
+
+
+@torch.no_grad()
+def mask_statistics(student, teacher_attention):
     """Kept keys per query per head and mask recall, over all rows and over the second half of
-    each window (where SEA is sparse), on the split's first `windows` windows. Recall is the share
-    of the teacher's attention mass on the kept keys; beside it, the same number of keys per
+    each window (where SEA is sparse), on the windows of teacher_attention (TeacherAttention). Recall is
+    the share of the teacher's attention mass on the kept keys; beside it, the same number of keys per
     (head, row) taken as the most recent ones (window), as the first SEAConfig.sinks keys plus the
     most recent (sink_window) and as the teacher's own top keys (oracle), and the recall SEA's
     budget and bins would give with a perfect estimate (best_estimate). Names ending in _late are
     the second halves'."""
-    device = next(student.parameters()).device  # the teacher must be on the same device
-    idx = sample_windows(tokens, block_size, windows).to(device)
-    teacher_layers, student_layers = attention_internals(student, teacher, idx)
+    idx = teacher_attention.idx
+    _, _, student_layers = student.eval().forward_internals(idx, need_hidden=False, logits=None)
     T, half = idx.size(1), idx.size(1) // 2
-    row_lengths = torch.arange(1, T + 1, device=device)
+    row_lengths = torch.arange(1, T + 1, device=idx.device)
     sea = student.config.sea
     per_layer = []
-    for t_layer, s_layer in zip(teacher_layers, student_layers):
+    for probs, best, s_layer in zip(teacher_attention.probs, teacher_attention.perfect_recall(sea.k, sea.t_m),
+                                    student_layers):
         counts = s_layer["kept_per_head"]  # (B, H, T)
-        recall, window, sink_window, oracle = same_count_recalls(t_layer["probs"], s_layer["kept_mask"], counts,
-                                                                 sea.sinks)
-        best = perfect_estimate_recall(t_layer["probs"], sea.k, sea.t_m)
+        recall, window, sink_window, oracle = same_count_recalls(probs, s_layer["kept_mask"], counts, sea.sinks)
         measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths, recall=recall,
                         window=window, sink_window=sink_window, oracle=oracle, best_estimate=best)
         stats = {}
@@ -414,10 +431,11 @@ def plot_validation(paths, path, labels):
     save_figure(fig, path)
 
 
-def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None):
+def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None,
+             teacher_attention=None):
     """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
-    the teacher, and the mask statistics of a student that keeps keys. tokens: the whole split's
-    length; scored: the tokens predicted."""
+    the teacher, and the mask statistics of a student that keeps keys (on teacher_attention, built here
+    when not given). tokens: the whole split's length; scored: the tokens predicted."""
     ppl, scored, window_ppl = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
     row = dict(attn=model.config.attn, ppl=ppl, window_ppl=window_ppl, tokens=len(tokens), scored=scored,
                block_size=block_size, windows=len(window_ppl), of_windows=len(split_windows(tokens, block_size)))
@@ -425,7 +443,7 @@ def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teac
         teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype, max_windows)[0]
         row["ratio"] = ppl / teacher_ppl
         if model.config.attn in MASKED_KINDS:
-            row.update(mask_statistics(model, teacher, tokens, block_size))
+            row.update(mask_statistics(model, teacher_attention or TeacherAttention(teacher, tokens, block_size)))
     return row
 
 

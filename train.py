@@ -334,7 +334,7 @@ def report_recall(student, teacher, val_tokens, args, when):
     printed and returned (an empty dict for other students)."""
     if student.config.attn not in evaluate.MASKED_KINDS:
         return {}
-    stats = evaluate.mask_statistics(student, teacher, val_tokens, args.block_size)
+    stats = evaluate.mask_statistics(student, evaluate.TeacherAttention(teacher, val_tokens, args.block_size))
     print(f"{when}: {evaluate.format_mask_statistics(stats)}  (first {evaluate.RECALL_WINDOWS} validation "
           f"windows)", flush=True)
     student.train()
@@ -746,9 +746,10 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
     step(f"1/5 the teacher: {source}")
     teacher = load_model(source).eval()
     tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
+    teacher_attention = evaluate.TeacherAttention(teacher.to(device), tokens, block_size)  # once for every row
     measure = lambda model, training, teacher_ppl=None: dict(evaluate.describe(
         model.to(device), teacher if teacher_ppl else None, tokens, block_size, 1, device, "float32",
-        teacher_ppl, max_windows=windows), training=training)
+        teacher_ppl, max_windows=windows, teacher_attention=teacher_attention), training=training)
     rows = {"dense teacher": dict(measure(teacher.to(device), "-"), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
     step(f"2/5 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")

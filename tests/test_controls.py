@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from controls import BlockBoundAttention, BlockMeanAttention, HeuristicBinAttention, window_widths
+from controls import BlockBoundAttention, BlockMeanAttention, HeuristicBinAttention, SinkWindowAttention, window_widths
 from model import Decoder, DecoderConfig
-from sea import (KeyPrefixSums, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces, estimate_loss,
-                 exact_attention, grouped_topk, heuristic_bin_scores, row_budget)
+from sea import (KeyPrefixSums, SEAAttention, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces,
+                 estimate_loss, exact_attention, grouped_topk, heuristic_bin_scores, row_budget)
 import train
 
 
@@ -180,3 +180,22 @@ def test_the_layer_by_layer_warm_up_step_equals_the_whole_graph(estimator):
     assert loss == pytest.approx(old.item(), rel=1e-12)
     for new_grad, p in zip(fast, params):
         torch.testing.assert_close(new_grad, p.grad)
+
+
+def test_a_control_with_open_gates_skips_steps_1_2_and_8_with_the_same_numbers(monkeypatch):
+    torch.manual_seed(0)
+    H, T, D = 2, 40, 8
+    control = SinkWindowAttention(H, D, T, SEAConfig(k=2, t_m=8, query_chunk=7)).double().eval()
+    assert control.needs_gates()  # fresh gates, sigmoid(3): they change the output
+    control.open_gates()
+    assert not control.needs_gates()
+    assert SEAAttention(H, D, T, SEAConfig(k=2, t_m=8)).open_gates().needs_gates()  # SEA's estimate reads e
+    encoded = []
+    control.encoder.register_forward_hook(lambda *args: encoded.append(True))
+    q, k, v = (torch.randn(1, H, T, D, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        lean = control(q, k, v)[0]
+        assert not encoded
+        monkeypatch.setattr(SinkWindowAttention, "needs_gates", lambda self: True)
+        gated = control(q, k, v)[0]
+    assert encoded and torch.equal(lean, gated)
