@@ -115,8 +115,8 @@ def key_blocks(k, size):
 
 class HeuristicBinAttention(GatedSparseAttention):
     """SEA's bins, budget and grouped top-k (steps 5-6), the cells ranked by the heuristic estimate of
-    their mass (sea.heuristic_bin_scores: the logits' mean and spread in the middle bins, the exact
-    logits of the first and last). What SEA's residual estimator is before any training."""
+    their mass (sea.heuristic_bin_scores: the logits' mean and spread over fixed blocks of keys in the middle
+    bins, the exact logits of the first and last). What SEA's residual estimator is before any training."""
 
     def uses_key_prefix(self):
         return True

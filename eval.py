@@ -536,7 +536,7 @@ def parse_args(argv):
     p.add_argument("--block", type=positive_int, default=SEAConfig.block,
                    help="--attn block-mean, block-bound: keys per block")
     p.add_argument("--sub-bins", type=positive_int, default=SEAConfig.sub_bins,
-                   help="--attn sea-heuristic: finer bins per bin of the heuristic estimate")
+                   help="--attn sea-heuristic: key blocks per bin of the heuristic estimate (at least)")
     p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
                                                            "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")

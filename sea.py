@@ -50,7 +50,7 @@ class SEAConfig:
     sinks: int = 4  # the sink-window control: the first keys every row keeps (StreamingLLM's attention sinks)
     sink_bin: bool = False  # beyond the paper: every head keeps the bin holding key 0, within the budget
     block: int = 4  # the block controls: keys per fixed block
-    sub_bins: int = 4  # the heuristic estimate (residual estimator, sea-heuristic): finer bins per bin
+    sub_bins: int = 4  # the heuristic estimate (residual estimator, sea-heuristic): key blocks per bin, at least
 
     def __post_init__(self):
         if self.k < 1:
@@ -268,8 +268,8 @@ def spread_bonus(variance, n):
 
 def heuristic_block_size(rows, blocks):
     """(R,) long: the keys per block of the heuristic estimate in each row i, (i + 1) // blocks (at least 1), so
-    that a row's blocks number between `blocks` and twice that (at most 1.25 times that once the size is 4), and the
-    size of a row changes only every `blocks` rows: the rows of a chunk share one or two sizes."""
+    that a row sees between `blocks` blocks and twice that (at most 1.25 times that once the size is 4; a shorter
+    row, one key a block), and the size changes only every `blocks` rows: a chunk's rows share one or two sizes."""
     return ((rows + 1) // blocks).clamp_min(1)
 
 

@@ -599,8 +599,8 @@ FLAGS = (  # (flag, default, where it applies, argparse's options); a rule reads
         choices=ESTIMATORS, help="chooses SEA's estimator: the paper's, or ours (residual), a learned residual on "
                                  "a training-free estimate from the keys, which it equals before training")),
     ("--block", SEAConfig.block, BLOCKS, dict(type=positive_int, help="sets the keys per block")),
-    ("--sub-bins", SEAConfig.sub_bins, HEURISTIC, dict(type=positive_int, help="sets the finer bins per bin of the "
-                                                                                "heuristic estimate")),
+    ("--sub-bins", SEAConfig.sub_bins, HEURISTIC, dict(type=positive_int, help="sets the heuristic estimate's key "
+                                                                                "blocks per bin (at least)")),
     ("--sink-bin", False, SEA_ONLY, dict(action="store_true", help="makes every head of every row keep the bin "
                                                                    "that holds key 0 (beyond the paper), within the "
                                                                    "same budget")),
