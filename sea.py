@@ -586,7 +586,7 @@ class GrowingRows:
 class DecodingState(NamedTuple):
     """What a SEA or window layer keeps between decoding steps besides the keys and values
     (decoding): the linear estimate's prefix sums, the last rows of e that the causal
-    CNN reaches (HALO), the running sum of the values and, for SEA with pooled keys, the keys'
+    CNN reaches (HALO), the running sum of the values and, for the heuristic estimate, the keys'
     prefix sums. The first three are None where the gates are open and steps 1-2 and 8 do not run."""
     sums: Optional[tuple]  # (S (B, H, m, 2D), z (B, H, m))
     e_tail: Optional[torch.Tensor]  # (B, H, <= HALO, 2D)
@@ -734,7 +734,7 @@ class GatedSparseAttention(nn.Module):
         raise NotImplementedError
 
     def uses_key_prefix(self):
-        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's pooled logits)."""
+        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's block moments)."""
         return False
 
     def keep_bins(self, p_hat, q, k, rows):
