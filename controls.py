@@ -22,8 +22,9 @@ a head of that row on average (window_widths); SEA and sea-heuristic share that 
 import torch
 import torch.nn.functional as F
 
-from sea import (GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask, estimated_bin_shares,
-                 exact_attention, full_precision, grouped_matmul, grouped_topk, heuristic_bin_scores, row_budget)
+from sea import (DecodingState, GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask,
+                 estimated_bin_shares, exact_attention, full_precision, grouped_matmul, grouped_topk,
+                 heuristic_bin_scores, heuristic_row_scores, row_budget, sparse_attention)
 
 
 def window_widths(rows, n_head, keys_per_head, t_m):
@@ -124,8 +125,31 @@ class HeuristicBinAttention(GatedSparseAttention):
     def choose_keys(self, q, k, e, rows, key_prefix):
         with torch.no_grad():  # a choice: no gradient passes it
             s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+        return self.keep(s_hat, q, k, rows)
+
+    def keep(self, s_hat, q, k, rows):
         bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
         return KeptBins(bins, rows), dict(kept_bins=bins)
+
+    def extend(self, q, k, v, row0, state):
+        """Decoding: a step of one row with open gates (the training-free use) is decode_row; any other, the
+        eight steps in chunks."""
+        if q.size(2) > 1 or state is None or self.uses_kernel(q) or self.needs_gates():
+            return super().extend(q, k, v, row0, state)
+        with torch.autocast(q.device.type, enabled=False):
+            return self.decode_row(q, k, v, row0, state)
+
+    def decode_row(self, q, k, v, row, state):
+        """The row `row` (q (B, H, 1, D); k, v (B, H_kv, row + 1, D)) in few operator calls: the keys' prefix
+        sums grown by one, the heuristic's scores with its indices worked out on the host
+        (heuristic_row_scores), the grouped top-k, the sparse softmax over the kept bins' keys. The same
+        numbers as attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
+        key_prefix = state.key_prefix.extend(k[:, :, row:])
+        with torch.no_grad():
+            s_hat = heuristic_row_scores(q, k, key_prefix.sums(), row, self.cfg.t_m, self.cfg.sub_bins)
+        kept, _ = self.keep(s_hat, q, k, torch.tensor([row], device=q.device))
+        context = sparse_attention(q, k, v, kept)
+        return context.to(v.dtype), DecodingState(None, None, None, key_prefix)
 
 
 # -----------------------------------------------------------------------------

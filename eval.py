@@ -46,16 +46,17 @@ def split_windows(tokens, block_size, max_windows=None):
 
 
 @torch.no_grad()
-def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32", max_windows=None):
+def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="float32", max_windows=None, known=()):
     """Returns (perplexity, tokens scored, each window's own perplexity) over the split's non-overlapping
-    windows of block_size tokens (its first max_windows windows when given)."""
+    windows of block_size tokens (its first max_windows windows when given). known: the mean token NLL of
+    the first windows, already computed (by mask_statistics' pass over them), not run again."""
     device = torch.device(device)
     check_long_enough(tokens, 2, "split to score")
     model.eval()
     windows = split_windows(tokens, block_size, max_windows)
-    window_nll = [0.0] * len(windows)  # each window's mean token NLL
+    window_nll = (list(known) + [0.0] * len(windows))[:len(windows)]  # each window's mean token NLL
     started = last_report = time.time()
-    for first in range(0, len(windows), batch_size):
+    for first in range(len(known), len(windows), batch_size):
         if time.time() - last_report > 60:  # a progress line a minute on long evaluations
             last_report = time.time()
             print(f"  perplexity: {first} of {len(windows)} windows, {last_report - started:.0f}s", flush=True)
@@ -65,14 +66,18 @@ def perplexity(model, tokens, block_size, batch_size=8, device="cpu", dtype="flo
             x = torch.stack([windows[i] for i in same]).to(device)
             with autocast_context(device, dtype):
                 logits, _ = model(x)
-            # (b * (L - 1), V) rows: the (b, V, L - 1) layout gives a less exact log-softmax (1e-4 in ppl here)
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
-            nll = nll.view(len(same), length - 1)
-            for i, mean in zip(same, nll.mean(1).tolist()):
+            for i, mean in zip(same, mean_token_nll(logits, x)):
                 window_nll[i] = mean
     scored = [len(w) - 1 for w in windows]
     total = sum(nll * n for nll, n in zip(window_nll, scored))
     return math.exp(total / sum(scored)), sum(scored), [math.exp(nll) for nll in window_nll]
+
+
+def mean_token_nll(logits, x):
+    """Each window's mean next-token NLL: logits (b, L, V) of the windows x (b, L) -> b floats."""
+    # (b * (L - 1), V) rows: the (b, V, L - 1) layout gives a less exact log-softmax (1e-4 in ppl here)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+    return nll.view(len(x), -1).mean(1).tolist()
 
 
 def sample_windows(tokens, block_size, count):
@@ -89,19 +94,21 @@ def attention_internals(student, teacher, idx):
     return teacher_layers, student_layers
 
 
-def same_count_recalls(probs, kept_mask, counts, sinks=4):
+def same_count_recalls(probs, kept_mask, counts, sinks=4, top_mass=None):
     """Teacher mass (B, H, T) on the kept keys, and on the same number of keys chosen three other ways.
 
     probs (B, H, T, T) the teacher's attention; kept_mask (B, H, T, T); counts (B, H, T) keys kept
     per (head, row). Returns (recall, window, sink_window, oracle): the mass on the kept keys, on the
     `counts` most recent keys of each row, on the first min(sinks, counts) keys plus the most recent
-    rest, and on the teacher's own top `counts` keys (an upper bound).
+    rest, and on the teacher's own top `counts` keys (an upper bound). top_mass: top_key_mass(probs), when
+    already computed.
     """
     T = probs.size(-1)
     recall = (probs * kept_mask).sum(-1)
     kept_any = counts > 0
     last = (counts - 1).clamp_min(0).unsqueeze(-1)
-    oracle = probs.sort(dim=-1, descending=True).values.cumsum(-1).gather(-1, last).squeeze(-1) * kept_any
+    top_mass = top_key_mass(probs) if top_mass is None else top_mass
+    oracle = top_mass.gather(-1, last).squeeze(-1) * kept_any
     prefix = probs.cumsum(-1)  # prefix[.., i, x] = mass on keys 0..x
     mass_before = lambda x: prefix.gather(-1, (x - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1) * (x > 0)  # keys < x
     rows = torch.arange(T, device=probs.device)
@@ -110,6 +117,11 @@ def same_count_recalls(probs, kept_mask, counts, sinks=4):
     first = counts.clamp(max=sinks)
     sink_window = mass_before(first) + row_total - mass_before(torch.maximum(rows + 1 - counts + first, first))
     return recall, window, sink_window, oracle
+
+
+def top_key_mass(probs):
+    """(B, H, T, T): [.., i, n] the mass of row i's n + 1 largest attention weights, probs (B, H, T, T)."""
+    return probs.sort(dim=-1, descending=True).values.cumsum(-1)
 
 
 def perfect_estimate_recall(probs, k, t_m):
@@ -122,13 +134,15 @@ def perfect_estimate_recall(probs, k, t_m):
 class TeacherAttention:
     """The teacher's attention on the split's first `windows` windows, and the perfect estimate's recall on it,
     which the mask statistics of every student reuse: computed once for all the rows of a table. probs[layer]
-    (B, H, T, T)."""
+    (B, H, T, T); with keep_sorted, also each row's sorted cumulative mass for the oracle's column,
+    top_mass[layer] (top_key_mass: one sort for all the rows, at the memory of a second copy of the maps)."""
 
     @torch.no_grad()
-    def __init__(self, teacher, tokens, block_size, windows=RECALL_WINDOWS):
+    def __init__(self, teacher, tokens, block_size, windows=RECALL_WINDOWS, keep_sorted=False):
         self.idx = sample_windows(tokens, block_size, windows).to(next(teacher.parameters()).device)
         _, _, layers = teacher.eval().forward_internals(self.idx, need_hidden=False, logits=None)
         self.probs = [layer["probs"] for layer in layers]
+        self.top_mass = [top_key_mass(probs) if keep_sorted else None for probs in self.probs]
         self.perfect = {}  # (k, T_M) -> each layer's perfect-estimate recall (B, H, T)
 
     def perfect_recall(self, k, t_m):
@@ -138,24 +152,28 @@ class TeacherAttention:
 
 
 @torch.no_grad()
-def mask_statistics(student, teacher_attention):
+def mask_statistics(student, teacher_attention, dtype=None):
     """Kept keys per query per head and mask recall, over all rows and over the second half of
     each window (where SEA is sparse), on the windows of teacher_attention (TeacherAttention). Recall is
     the share of the teacher's attention mass on the kept keys; beside it, the same number of keys per
     (head, row) taken as the most recent ones (window), as the first SEAConfig.sinks keys plus the
     most recent (sink_window) and as the teacher's own top keys (oracle), and the recall SEA's
     budget and bins would give with a perfect estimate (best_estimate). Names ending in _late are
-    the second halves'."""
+    the second halves'. With dtype (a perplexity run's), the same pass scores its windows too: window_nll,
+    each one's mean token NLL, so that describe() need not run them again."""
     idx = teacher_attention.idx
-    _, _, student_layers = student.eval().forward_internals(idx, need_hidden=False, logits=None)
+    with autocast_context(idx.device, dtype or "float32"):
+        logits, _, student_layers = student.eval().forward_internals(idx, need_hidden=False,
+                                                                     logits="all" if dtype else None)
     T, half = idx.size(1), idx.size(1) // 2
     row_lengths = torch.arange(1, T + 1, device=idx.device)
     sea = student.config.sea
     per_layer = []
-    for probs, best, s_layer in zip(teacher_attention.probs, teacher_attention.perfect_recall(sea.k, sea.t_m),
-                                    student_layers):
+    for probs, top_mass, best, s_layer in zip(teacher_attention.probs, teacher_attention.top_mass,
+                                              teacher_attention.perfect_recall(sea.k, sea.t_m), student_layers):
         counts = s_layer["kept_per_head"]  # (B, H, T)
-        recall, window, sink_window, oracle = same_count_recalls(probs, s_layer["kept_mask"], counts, sea.sinks)
+        recall, window, sink_window, oracle = same_count_recalls(probs, s_layer["kept_mask"], counts, sea.sinks,
+                                                                 top_mass)
         measures = dict(kept_per_head=counts.float(), kept_fraction=counts / row_lengths, recall=recall,
                         window=window, sink_window=sink_window, oracle=oracle, best_estimate=best)
         stats = {}
@@ -164,7 +182,7 @@ def mask_statistics(student, teacher_attention):
             stats[name + "_late"] = value[:, :, half:].mean().item()
         per_layer.append(stats)
     averages = {name: sum(layer[name] for layer in per_layer) / len(per_layer) for name in per_layer[0]}
-    return dict(averages, per_layer=per_layer)
+    return dict(averages, per_layer=per_layer, **(dict(window_nll=mean_token_nll(logits, idx)) if dtype else {}))
 
 
 @torch.no_grad()
@@ -371,13 +389,14 @@ def draw_map(ax, image, title, log_scale, small=False):
         ax.set_ylabel("query")
 
 
-def read_history(path):
-    """The validation records train.py appended to <out-dir>/history.jsonl."""
+def read_history(path, figure="recall"):
+    """The validation records train.py appended to <out-dir>/history.jsonl, which must hold `figure`."""
     lines = Path(path).read_text().splitlines()
     entries = [json.loads(line) for line in lines if line.strip()]
-    if not any("recall" in entry for entry in entries):
-        raise ValueError(f"{path} holds no recall figures: pass the history.jsonl of a sea or "
-                         f"window student")
+    if not any(figure in entry for entry in entries):
+        whose = ("a student that keeps keys (sea, a control), trained with its recall (not --no-recall)"
+                 if figure == "recall" else "a distillation")
+        raise ValueError(f"{path} holds no {figure} figures: pass the history.jsonl of {whose}")
     return entries
 
 
@@ -421,7 +440,7 @@ def plot_validation(paths, path, labels):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for history, label in zip(paths, labels):
-        entries = [e for e in read_history(history) if "val_loss" in e]
+        entries = [e for e in read_history(history, "val_loss") if "val_loss" in e]
         ax.plot([e["step"] for e in entries], [e["val_loss"] for e in entries], "o-", label=label)
     ax.set_xlabel("distillation step")
     ax.set_ylabel("validation loss (v1 text)")
@@ -434,17 +453,22 @@ def plot_validation(paths, path, labels):
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None,
              teacher_attention=None):
     """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
-    the teacher, and the mask statistics of a student that keeps keys (on teacher_attention, built here
-    when not given). tokens: the whole split's length; scored: the tokens predicted."""
-    ppl, scored, window_ppl = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows)
+    the teacher, and the mask statistics of a student that keeps keys (on teacher_attention, of these tokens,
+    built here when not given; the pass that takes them scores its windows for the perplexity too). tokens: the whole
+    split's length; scored: the tokens predicted."""
+    stats, known = {}, []
+    if teacher is not None and model.config.attn in MASKED_KINDS:
+        teacher_attention = teacher_attention or TeacherAttention(teacher, tokens, block_size)
+        stats = mask_statistics(model.to(device), teacher_attention, dtype)
+        scored_here = stats.pop("window_nll")  # the split's first windows when the block sizes agree
+        known = scored_here if teacher_attention.idx.size(1) == block_size else []
+    ppl, scored, window_ppl = perplexity(model, tokens, block_size, batch_size, device, dtype, max_windows, known)
     row = dict(attn=model.config.attn, ppl=ppl, window_ppl=window_ppl, tokens=len(tokens), scored=scored,
                block_size=block_size, windows=len(window_ppl), of_windows=len(split_windows(tokens, block_size)))
     if teacher is not None:
         teacher_ppl = teacher_ppl or perplexity(teacher, tokens, block_size, batch_size, device, dtype, max_windows)[0]
         row["ratio"] = ppl / teacher_ppl
-        if model.config.attn in MASKED_KINDS:
-            row.update(mask_statistics(model, teacher_attention or TeacherAttention(teacher, tokens, block_size)))
-    return row
+    return dict(row, **stats)
 
 
 TRAINING_WIDTH = 19  # the training column: "none", "warm-up 20 windows", "distilled 30 steps"

@@ -328,6 +328,42 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     return scores.masked_fill(widths == 0, 0.0)
 
 
+def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
+    """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
+    runs it: the same numbers, but every index (the bins' edges, the block size, each bin's first block)
+    worked out on the host from `row`, and the block moments read for the middle bins' blocks only, so a
+    step makes a fixed number of operator calls whatever the context."""
+    n = row + 1
+    edges = [(2 * c * n + t_m - 1) // (2 * t_m) for c in range(t_m + 1)]  # bin_edges of the row
+    widths = [end - start for start, end in zip(edges, edges[1:])]
+    size = (n // (t_m * sub_bins)) or 1  # heuristic_block_size
+    count = n // size
+    starts = [min(count, max(0, -((size * t_m - 2 * c * n) // (2 * size * t_m)))) for c in range(t_m + 1)]
+    q, k = full_precision(q), full_precision(k)
+    fill = torch.finfo(q.dtype).min
+    middle = q.new_full((*q.shape[:3], t_m - 2), fill)  # bins with no block of their own, as block_bin_scores
+    first, end = starts[1], starts[t_m - 1]  # the middle bins' blocks: first .. end - 1
+    if end > first:
+        mean, variance = block_moments(prefix[:, :, first * size:], size, end - first, q.dtype)  # (B, H_kv, m, D)
+        logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, 1, m)
+        if size > 1:
+            logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
+        shift = logits.amax(-1, keepdim=True).clamp_min(fill)
+        running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, 1, m + 1)
+        mass = running[..., [start - first for start in starts[1:t_m]]].diff(dim=-1)  # (B, H, 1, T_M - 2)
+        blocks = torch.tensor([max(1, b - a) for a, b in zip(starts[1:t_m - 1], starts[2:t_m])], dtype=mass.dtype,
+                              device=q.device)
+        middle = (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(q.dtype) + shift
+    exact = lambda keys: (grouped_matmul(q, keys.transpose(-2, -1)).logsumexp(-1, keepdim=True)
+                          - math.log(keys.size(2)))  # log of the mean of exp over a bin's own keys
+    outer = [exact(k[:, :, :widths[0]]) if widths[0] else q.new_zeros(*q.shape[:3], 1),
+             exact(k[:, :, n - widths[-1]:n]) if widths[-1] else q.new_zeros(*q.shape[:3], 1)]
+    scores = torch.cat([outer[0], middle, outer[1]], dim=-1)
+    if 0 in widths:  # a short row's empty bins
+        scores = scores.masked_fill(torch.tensor(widths, device=q.device) == 0, 0.0)
+    return scores
+
+
 def log_mean_exp(logits, kept):
     """log of the mean of exp(logits) (B, H, R, W) over the slots `kept` (R, W): (B, H, R, 1). A finite
     fill, not -inf, where a slot is not kept, so that even a row that keeps none has a finite gradient."""

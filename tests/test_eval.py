@@ -2,6 +2,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -99,6 +100,36 @@ def test_k_sets_a_new_budget_for_a_checkpoints_kept_keys(wikitext, tmp_path, cap
         evaluate.main(common + ["--k", k, "--json", str(tmp_path / f"k{k}.json")])
         kept[k] = json.loads((tmp_path / f"k{k}.json").read_text())["kept_per_head_late"]
     assert kept["2"] < kept["8"]
+
+
+def teacher_and_student(attn):
+    """A tiny teacher, a student of it with `attn` (k = 4, T_M = 16) and 6 windows of 64 random tokens and a bit."""
+    torch.manual_seed(0)
+    teacher = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=64)).eval()
+    student = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=64, attn=attn,
+                                           sea=SEAConfig(k=4, t_m=16))).eval()
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    return teacher, student, np.random.default_rng(0).integers(0, 50257, 64 * 6 + 9).astype(np.uint16)
+
+
+@pytest.mark.parametrize("attn", ["sea", "sink-window"])
+def test_a_row_scores_the_recall_windows_in_the_recall_pass_with_the_same_perplexity(attn):
+    teacher, student, tokens = teacher_and_student(attn)
+    windows = 5  # more than the recall's 4: the fifth scored apart
+    row = evaluate.describe(student, teacher, tokens, 64, 2, "cpu", "float32", max_windows=windows)
+    ppl, scored, window_ppl = evaluate.perplexity(student, tokens, 64, 2, max_windows=windows)
+    assert "window_nll" not in row and row["kept_per_head"] > 0
+    assert row["scored"] == scored == windows * 63
+    assert math.isclose(row["ppl"], ppl, rel_tol=1e-5)
+    torch.testing.assert_close(torch.tensor(row["window_ppl"]), torch.tensor(window_ppl), rtol=1e-5, atol=0)
+
+
+def test_the_teachers_rows_sorted_once_give_the_same_mask_statistics():
+    teacher, student, tokens = teacher_and_student("sea-heuristic")
+    plain = evaluate.mask_statistics(student, evaluate.TeacherAttention(teacher, tokens, 64))
+    sorted_once = evaluate.TeacherAttention(teacher, tokens, 64, keep_sorted=True)
+    assert evaluate.mask_statistics(student, sorted_once) == plain
+    assert 0 < plain["recall"] <= plain["oracle"]
 
 
 def test_the_passkey_prompt_hides_the_key_at_the_asked_depth_within_the_asked_length():

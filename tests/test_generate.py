@@ -6,7 +6,8 @@ import torch
 
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, LayerCache, DecoderConfig, build_attention
 from reformer import ReformerConfig
-from sea import GatedSparseAttention, SEAAttention, SEAConfig
+from controls import HeuristicBinAttention
+from sea import GatedSparseAttention, KeyPrefixSums, SEAAttention, SEAConfig, heuristic_bin_scores, heuristic_row_scores
 
 KINDS = ATTENTION_KINDS
 FAMILIES = {"tiny": {}, "tiny-llama": dict(n_kv_head=1)}  # OPT, and Llama with two query heads per key/value head
@@ -147,3 +148,39 @@ def test_a_cache_of_known_capacity_is_allocated_once():
     assert cache.keys.buffer is buffer and buffer.size(2) == 10  # filled to capacity, never copied
     keys, _ = cache.append(k[:, :, 10:], k[:, :, 10:])  # past it: the buffer doubles
     assert cache.keys.buffer.size(2) == 22 and torch.equal(keys, k)
+
+
+def open_heuristic(n_head=4, kv_heads=2, head_dim=16, T=90):
+    """sea-heuristic with open gates (the training-free use), T_M 8 and 2 key blocks a bin: blocks of one key up
+    to row 31, of 2 from row 31, of 5 by row 89; two query heads per key/value head."""
+    torch.manual_seed(0)
+    attention = HeuristicBinAttention(n_head, head_dim, T, SEAConfig(k=2, t_m=8, sub_bins=2)).double().eval()
+    q = torch.randn(1, n_head, T, head_dim, dtype=torch.float64)
+    k, v = (torch.randn(1, kv_heads, T, head_dim, dtype=torch.float64) for _ in range(2))
+    return attention.open_gates(), q, k, v
+
+
+def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch):
+    attention, q, k, v = open_heuristic()
+    steps = []
+    original = HeuristicBinAttention.decode_row
+    monkeypatch.setattr(HeuristicBinAttention, "decode_row", lambda *args: steps.append(1) or original(*args))
+    with torch.no_grad():
+        full, _ = attention(q, k, v)
+        out, state = attention.extend(q[:, :, :5], k[:, :, :5], v[:, :, :5], 0, None)
+        outs = [out]
+        for i in range(5, q.size(2)):
+            out, state = attention.extend(q[:, :, i:i + 1], k[:, :, :i + 1], v[:, :, :i + 1], i, state)
+            outs.append(out)
+    assert len(steps) == q.size(2) - 5  # every one-row step took the short path
+    torch.testing.assert_close(torch.cat(outs, dim=2), full)
+
+
+def test_the_heuristics_one_row_scores_equal_its_scores_of_every_row():
+    _, q, k, _ = open_heuristic()
+    prefix = KeyPrefixSums(k).sums()
+    rows = torch.arange(q.size(2))
+    every_row = heuristic_bin_scores(q, k, prefix, rows, 8, 2)
+    for row in range(q.size(2)):
+        one = heuristic_row_scores(q[:, :, row:row + 1], k[:, :, :row + 1], prefix[:, :, :row + 2], row, 8, 2)
+        torch.testing.assert_close(one, every_row[:, :, row:row + 1], msg=f"row {row}")

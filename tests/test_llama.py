@@ -297,6 +297,9 @@ def test_the_demo_runs_on_a_tiny_gguf_and_eval_reads_back_what_it_saves(tmp_path
         assert (out / picture).stat().st_size > 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in rows)
+    commands = [line.split("python train.py ")[1].rsplit("  [", 1)[0].split() for line in printed.splitlines()
+                if "python train.py " in line]  # each run's command, as printed, runs as it says
+    assert len(commands) == 3 and all(train.parse_args(words).recall is False for words in commands)
     sea_ratio = rows["sea, distilled 2"]["ratio"]
     sentence = next(line for line in printed.splitlines() if line.startswith("distillation, 2 steps each"))
     assert f"to {sea_ratio:.3f}x" in sentence  # measured, not written in advance
