@@ -27,6 +27,7 @@ SEAConfig.k (the paper's k) is `keys_per_head` where a function takes the budget
 `python sea.py` walks through the inference path on a small input.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -273,6 +274,14 @@ def heuristic_block_size(rows, blocks):
     return ((rows + 1) // blocks).clamp_min(1)
 
 
+def bins_first_blocks(rows, t_m, size, count):
+    """(R, T_M + 1): the first of the blocks of `size` keys that bin c of row i takes, at most count; a bin takes
+    the blocks whose middle falls in it: block j's middle, j size + size / 2, lies in bin c of row i from the
+    first j with (2 j + 1) size T_M >= 2 c (i + 1)."""
+    c = torch.arange(t_m + 1, device=rows.device)
+    return (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)
+
+
 def block_bin_scores(q, prefix, rows, t_m, size):
     """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
     whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
@@ -284,9 +293,7 @@ def block_bin_scores(q, prefix, rows, t_m, size):
     logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, R, n): each block's mean logit
     if size > 1:
         logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
-    # block j's middle, j size + size / 2, lies in bin c of row i from the first j with (2 j + 1) size T_M >= 2 c (i + 1)
-    c = torch.arange(t_m + 1, device=q.device)
-    starts = (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)  # (R, T_M + 1)
+    starts = bins_first_blocks(rows, t_m, size, count)  # (R, T_M + 1)
     block = torch.arange(count, device=q.device)
     middle = (block >= starts[:, 1:2]) & (block < starts[:, -2:-1])  # (R, n): the blocks of bins 1 .. T_M - 2
     logits = logits.masked_fill(~middle, float("-inf"))
@@ -328,40 +335,61 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     return scores.masked_fill(widths == 0, 0.0)
 
 
+class RowLayout(NamedTuple):
+    """What heuristic_row_scores needs of a row's shape, which depends on its position alone: the block size;
+    the middle bins' blocks, first .. end - 1; the keys of the first and the last bin; at (T_M - 1,), where the
+    middle bins start and end among those blocks; log_blocks (T_M - 2,), the log of each middle bin's blocks
+    (at least 1); empty (T_M,) bool, a short row's empty bins, or None."""
+    size: int
+    first: int
+    end: int
+    first_width: int
+    last_width: int
+    at: torch.Tensor
+    log_blocks: torch.Tensor
+    empty: Optional[torch.Tensor]
+
+
+@functools.lru_cache(maxsize=4)
+def row_layout(row, t_m, sub_bins, device):
+    """The RowLayout of row `row`: worked out once a decoded token, shared by every layer."""
+    rows = torch.tensor([row])
+    widths = bin_widths(rows, t_m)[0]  # (T_M,)
+    size = int(heuristic_block_size(rows, t_m * sub_bins))
+    starts = bins_first_blocks(rows, t_m, size, (row + 1) // size)[0]  # (T_M + 1,)
+    first, end = int(starts[1]), int(starts[t_m - 1])
+    log_blocks = starts[1:t_m].diff().clamp_min(1).double().log()
+    empty = (widths == 0).to(device) if bool((widths == 0).any()) else None
+    return RowLayout(size, first, end, int(widths[0]), int(widths[-1]), (starts[1:t_m] - first).to(device),
+                     log_blocks.to(device), empty)
+
+
 def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
     """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
-    runs it: the same numbers, but every index (the bins' edges, the block size, each bin's first block)
-    worked out on the host from `row`, and the block moments read for the middle bins' blocks only, so a
-    step makes a fixed number of operator calls whatever the context."""
-    n = row + 1
-    edges = [(2 * c * n + t_m - 1) // (2 * t_m) for c in range(t_m + 1)]  # bin_edges of the row
-    widths = [end - start for start, end in zip(edges, edges[1:])]
-    size = (n // (t_m * sub_bins)) or 1  # heuristic_block_size
-    count = n // size
-    starts = [min(count, max(0, -((size * t_m - 2 * c * n) // (2 * size * t_m)))) for c in range(t_m + 1)]
+    runs it: the same numbers, with the row's layout (row_layout: its bins, blocks and their indices) known on
+    the host and the block moments read for the middle bins' blocks only, so a step makes a fixed number of
+    operator calls whatever the context."""
+    layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
     fill = torch.finfo(q.dtype).min
     middle = q.new_full((*q.shape[:3], t_m - 2), fill)  # bins with no block of their own, as block_bin_scores
-    first, end = starts[1], starts[t_m - 1]  # the middle bins' blocks: first .. end - 1
-    if end > first:
-        mean, variance = block_moments(prefix[:, :, first * size:], size, end - first, q.dtype)  # (B, H_kv, m, D)
-        logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, 1, m)
+    if layout.end > layout.first:
+        size = layout.size
+        mean, variance = block_moments(prefix[:, :, layout.first * size:], size, layout.end - layout.first, q.dtype)
+        logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, 1, m): the middle bins' blocks
         if size > 1:
             logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
         shift = logits.amax(-1, keepdim=True).clamp_min(fill)
         running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, 1, m + 1)
-        mass = running[..., [start - first for start in starts[1:t_m]]].diff(dim=-1)  # (B, H, 1, T_M - 2)
-        blocks = torch.tensor([max(1, b - a) for a, b in zip(starts[1:t_m - 1], starts[2:t_m])], dtype=mass.dtype,
-                              device=q.device)
-        middle = (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(q.dtype) + shift
+        mass = running[..., layout.at].diff(dim=-1)  # (B, H, 1, T_M - 2)
+        middle = (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - layout.log_blocks).to(q.dtype) + shift
+    n = row + 1
     exact = lambda keys: (grouped_matmul(q, keys.transpose(-2, -1)).logsumexp(-1, keepdim=True)
                           - math.log(keys.size(2)))  # log of the mean of exp over a bin's own keys
-    outer = [exact(k[:, :, :widths[0]]) if widths[0] else q.new_zeros(*q.shape[:3], 1),
-             exact(k[:, :, n - widths[-1]:n]) if widths[-1] else q.new_zeros(*q.shape[:3], 1)]
+    outer = [exact(k[:, :, n - width:n] if last else k[:, :, :width]) if width else q.new_zeros(*q.shape[:3], 1)
+             for last, width in ((False, layout.first_width), (True, layout.last_width))]
     scores = torch.cat([outer[0], middle, outer[1]], dim=-1)
-    if 0 in widths:  # a short row's empty bins
-        scores = scores.masked_fill(torch.tensor(widths, device=q.device) == 0, 0.0)
-    return scores
+    return scores if layout.empty is None else scores.masked_fill(layout.empty, 0.0)
 
 
 def log_mean_exp(logits, kept):

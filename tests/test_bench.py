@@ -4,6 +4,9 @@ import math
 import torch
 
 import bench
+from controls import HeuristicBinAttention
+from model import LayerCache
+from sea import GatedSparseAttention, SEAConfig, row_layout
 
 
 def test_benchmark_runs_at_a_tiny_size(capsys, tmp_path):
@@ -71,3 +74,25 @@ def test_growth_exponent_fits_a_power_law():
     lengths = [1024, 2048, 4096, 8192, 16384]
     assert math.isclose(bench.growth_exponent(lengths, [t ** 2 * 1e-9 for t in lengths]), 2.0)
     assert math.isclose(bench.growth_exponent(lengths, [t * 1e-6 for t in lengths], from_length=0), 1.0)
+
+
+def mechanism_calls_of_a_step(T, monkeypatch=None):
+    """The attention mechanism's operator calls for the token after T, a one-layer tiny-llama with ours untrained
+    (sea-heuristic, gates open, T_M 16, 2 key blocks a bin), the row's layout not yet worked out."""
+    torch.manual_seed(0)
+    config = bench.DecoderConfig.preset("tiny-llama", n_layer=1, block_size=2048, attn="sea-heuristic",
+                                        sea=SEAConfig(k=4, t_m=16, sub_bins=2))
+    model = bench.Decoder(config).eval()
+    model.layers[0].self_attn.mechanism.open_gates()
+    idx = torch.randint(0, 1000, (1, T + 1))
+    caches = [LayerCache(capacity=T + 1)]
+    with torch.no_grad():
+        model.next_logits(idx[:, :T], caches)
+    row_layout.cache_clear()
+    return bench.operator_calls(model, lambda: model.next_logits(idx[:, T:], caches))[1]
+
+
+def test_a_decoding_step_of_ours_makes_as_many_operator_calls_however_long_the_context(monkeypatch):
+    one_row = [mechanism_calls_of_a_step(T) for T in (100, 1500)]
+    monkeypatch.setattr(HeuristicBinAttention, "extend", GatedSparseAttention.extend)  # the eight steps in chunks
+    assert one_row[0] == one_row[1] < mechanism_calls_of_a_step(1500)
