@@ -315,8 +315,7 @@ def time_decoding(spec):
         # a token after the model's whole context: rotary positions run on (the rows have no table of positions)
         model.config.block_size = max(model.config.block_size, positions)
         if attn in CONTROLS:  # training-free: the gates fully open, as eval.py swaps them in
-            for block in model.layers:
-                block.self_attn.mechanism.open_gates()
+            model.open_gates()
     else:
         block_size = max(DecoderConfig.preset(spec["preset"]).block_size, positions)
         model = Decoder(DecoderConfig.preset(spec["preset"], block_size=block_size, **overrides))

@@ -586,8 +586,7 @@ def run(p, args):
         p.error(f"--passkey-depths {args.passkey_depths}: each depth must lie in [0, 1] (0: the key first, 1: last)")
     model = load_model(args.ckpt or args.init_from, **attention_swap(args)).to(args.device)
     if args.attn:  # training-free: the swapped attention's gates open, its output the softmax over its keys
-        for block in model.layers:
-            block.self_attn.mechanism.open_gates()
+        model.open_gates()
     if args.sink_bin:  # every layer's SEAAttention reads this config
         if model.config.attn != "sea":
             p.error(f"--sink-bin changes SEA's choice of bins; this model has attn={model.config.attn}")

@@ -341,6 +341,13 @@ class Decoder(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def open_gates(self):
+        """Every layer's gates fully open (GatedSparseAttention.open_gates): a training-free swap, each layer's
+        output the exact softmax over its kept keys. Returns the model."""
+        for block in self.layers:
+            block.self_attn.mechanism.open_gates()
+        return self
+
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab), mean cross-entropy or None."""
         logits, _, _ = self.forward_internals(idx, need_hidden=False, need_layers=False)

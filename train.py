@@ -419,8 +419,8 @@ def start_run(args):
         history.parent.mkdir(parents=True, exist_ok=True)
         history.write_text("")
     if (args.open_gates or args.training_free) and checkpoint is None:
-        for block in model.layers:  # the student starts as the exact softmax over its kept keys (the warm-up's
-            block.self_attn.mechanism.open_gates()  # recall is measured so too; it trains no gate)
+        model.open_gates()  # the student starts as the exact softmax over its kept keys (the warm-up's recall is
+        # measured so too; it trains no gate)
     return Run(rank, world, device, model, objective, optimizer, checkpoint is not None, start_iter, best_val,
                ckpt_path, history)
 
@@ -760,9 +760,7 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
     teacher_ppl = rows["dense teacher"]["ppl"]
     step(f"2/5 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
     for kind in DEMO_SWAPS:
-        model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m, sub_bins=sub_bins))
-        for block in model.layers:
-            block.self_attn.mechanism.open_gates()
+        model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m, sub_bins=sub_bins)).open_gates()
         rows[kind] = measure(model, "none", teacher_ppl)
         print(f"{kind}: ppl {rows[kind]['ppl']:.2f} ({rows[kind]['ratio']:.3f}x)", flush=True)
     step(f"3/5 the paper's estimator, trained alone first: {as_command(paper)}")

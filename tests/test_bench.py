@@ -76,14 +76,13 @@ def test_growth_exponent_fits_a_power_law():
     assert math.isclose(bench.growth_exponent(lengths, [t * 1e-6 for t in lengths], from_length=0), 1.0)
 
 
-def mechanism_calls_of_a_step(T, monkeypatch=None):
+def mechanism_calls_of_a_step(T):
     """The attention mechanism's operator calls for the token after T, a one-layer tiny-llama with ours untrained
     (sea-heuristic, gates open, T_M 16, 2 key blocks a bin), the row's layout not yet worked out."""
     torch.manual_seed(0)
     config = bench.DecoderConfig.preset("tiny-llama", n_layer=1, block_size=2048, attn="sea-heuristic",
                                         sea=SEAConfig(k=4, t_m=16, sub_bins=2))
-    model = bench.Decoder(config).eval()
-    model.layers[0].self_attn.mechanism.open_gates()
+    model = bench.Decoder(config).eval().open_gates()
     idx = torch.randint(0, 1000, (1, T + 1))
     caches = [LayerCache(capacity=T + 1)]
     with torch.no_grad():
