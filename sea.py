@@ -282,28 +282,40 @@ def bins_first_blocks(rows, t_m, size, count):
     return (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)
 
 
+def block_logits(q, prefix, size, count):
+    """(B, H, R, count): for the query rows q (B, H, R, D), each block [j size, (j + 1) size)'s log of the mean of
+    exp(q . k) over its keys, estimated from the keys' mean and per-channel variance (block_moments, from the
+    KeyPrefixSums' prefix) as mean logit + spread_bonus. Two matmuls."""
+    mean, variance = block_moments(prefix, size, count, q.dtype)  # (B, H_kv, count, D) each
+    logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, R, count): each block's mean logit
+    if size > 1:
+        logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
+    return logits
+
+
+def mean_over_block_runs(logits, starts):
+    """log of the mean of exp(logits) over runs of consecutive blocks: logits (B, H, R, n), -inf on the blocks no
+    run takes; starts (R, C + 1) (or (1, C + 1) for every row), run c the blocks starts[c] .. starts[c + 1] - 1
+    -> (B, H, R, C), a run with no block counted as one. The exp summed in float64, as a running sum read at
+    the runs' ends."""
+    shift = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)  # (B, H, R, 1)
+    running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, R, n + 1)
+    mass = running.gather(-1, starts.expand(*running.shape[:3], starts.size(-1))).diff(dim=-1)  # (B, H, R, C)
+    blocks = starts.diff(dim=-1).clamp_min(1).to(mass.dtype)  # (R, C)
+    return (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(logits.dtype) + shift
+
+
 def block_bin_scores(q, prefix, rows, t_m, size):
     """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
     whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
-    of the blocks whose middle falls in it, each block's keys taken at mean + spread_bonus of their logits
-    (block_moments). Two matmuls and a running sum over the blocks: O(T / size) work a row. The first and the
-    last bin here are not used."""
+    of the blocks whose middle falls in it (block_logits, mean_over_block_runs). Two matmuls and a running sum
+    over the blocks: O(T / size) work a row. The first and the last bin here are not used."""
     count = (int(rows[-1]) + 1) // size  # the blocks complete in the last row
-    mean, variance = block_moments(prefix, size, count, q.dtype)  # (B, H_kv, n, D) each
-    logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, R, n): each block's mean logit
-    if size > 1:
-        logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
+    logits = block_logits(q, prefix, size, count)  # (B, H, R, n)
     starts = bins_first_blocks(rows, t_m, size, count)  # (R, T_M + 1)
     block = torch.arange(count, device=q.device)
     middle = (block >= starts[:, 1:2]) & (block < starts[:, -2:-1])  # (R, n): the blocks of bins 1 .. T_M - 2
-    logits = logits.masked_fill(~middle, float("-inf"))
-    shift = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).min)  # (B, H, R, 1)
-    # the exp of each block's logits summed in float64, as a running sum read at the bins' first blocks
-    running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, R, n + 1)
-    bins_of = lambda index: running.gather(-1, index.expand(*running.shape[:2], *index.shape))
-    mass = bins_of(starts[:, 1:]) - bins_of(starts[:, :-1])  # (B, H, R, T_M)
-    blocks = starts.diff(dim=-1).clamp_min(1).to(mass.dtype)  # (R, T_M) blocks a bin, all of `size` keys
-    return (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(q.dtype) + shift
+    return mean_over_block_runs(logits.masked_fill(~middle, float("-inf")), starts)
 
 
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
@@ -338,15 +350,13 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
 class RowLayout(NamedTuple):
     """What heuristic_row_scores needs of a row's shape, which depends on its position alone: the block size;
     the middle bins' blocks, first .. end - 1; the keys of the first and the last bin; at (T_M - 1,), where the
-    middle bins start and end among those blocks; log_blocks (T_M - 2,), the log of each middle bin's blocks
-    (at least 1); empty (T_M,) bool, a short row's empty bins, or None."""
+    middle bins' blocks start and end among those; empty (T_M,) bool, a short row's empty bins, or None."""
     size: int
     first: int
     end: int
     first_width: int
     last_width: int
     at: torch.Tensor
-    log_blocks: torch.Tensor
     empty: Optional[torch.Tensor]
 
 
@@ -358,10 +368,8 @@ def row_layout(row, t_m, sub_bins, device):
     size = int(heuristic_block_size(rows, t_m * sub_bins))
     starts = bins_first_blocks(rows, t_m, size, (row + 1) // size)[0]  # (T_M + 1,)
     first, end = int(starts[1]), int(starts[t_m - 1])
-    log_blocks = starts[1:t_m].diff().clamp_min(1).double().log()
     empty = (widths == 0).to(device) if bool((widths == 0).any()) else None
-    return RowLayout(size, first, end, int(widths[0]), int(widths[-1]), (starts[1:t_m] - first).to(device),
-                     log_blocks.to(device), empty)
+    return RowLayout(size, first, end, int(widths[0]), int(widths[-1]), (starts[1:t_m] - first).to(device), empty)
 
 
 def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
@@ -371,24 +379,16 @@ def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
     operator calls whatever the context."""
     layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
-    fill = torch.finfo(q.dtype).min
-    middle = q.new_full((*q.shape[:3], t_m - 2), fill)  # bins with no block of their own, as block_bin_scores
-    if layout.end > layout.first:
-        size = layout.size
-        mean, variance = block_moments(prefix[:, :, layout.first * size:], size, layout.end - layout.first, q.dtype)
-        logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, 1, m): the middle bins' blocks
-        if size > 1:
-            logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
-        shift = logits.amax(-1, keepdim=True).clamp_min(fill)
-        running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, 1, m + 1)
-        mass = running[..., layout.at].diff(dim=-1)  # (B, H, 1, T_M - 2)
-        middle = (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - layout.log_blocks).to(q.dtype) + shift
-    n = row + 1
+    middle = q.new_full((*q.shape[:3], t_m - 2), torch.finfo(q.dtype).min)  # no block at all: as block_bin_scores
+    if layout.end > layout.first:  # the middle bins' blocks only
+        logits = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
+        middle = mean_over_block_runs(logits, layout.at[None])  # (B, H, 1, T_M - 2)
     exact = lambda keys: (grouped_matmul(q, keys.transpose(-2, -1)).logsumexp(-1, keepdim=True)
                           - math.log(keys.size(2)))  # log of the mean of exp over a bin's own keys
-    outer = [exact(k[:, :, n - width:n] if last else k[:, :, :width]) if width else q.new_zeros(*q.shape[:3], 1)
-             for last, width in ((False, layout.first_width), (True, layout.last_width))]
-    scores = torch.cat([outer[0], middle, outer[1]], dim=-1)
+    n, empty_bin = row + 1, q.new_zeros(*q.shape[:3], 1)
+    first = exact(k[:, :, :layout.first_width]) if layout.first_width else empty_bin
+    last = exact(k[:, :, n - layout.last_width:n]) if layout.last_width else empty_bin
+    scores = torch.cat([first, middle, last], dim=-1)
     return scores if layout.empty is None else scores.masked_fill(layout.empty, 0.0)
 
 
