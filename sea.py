@@ -258,13 +258,15 @@ def block_moments(prefix, size, count, dtype):
 def spread_bonus(variance, n):
     """How far the log of the mean of exp over n logits lies above their mean, from their variance: variance / 2
     if they were normal, but never more than n logits of that variance can give, which is when one lies far
-    above the rest, log((exp(s sqrt(n - 1)) + (n - 1) exp(-s / sqrt(n - 1))) / n) with s the standard
-    deviation. Without that cap, blocks of 2 to 8 keys were overvalued whenever their keys' channels varied.
-    variance (..., C), n (C,) or a number, the keys per block; 0 where n <= 1."""
-    n = torch.as_tensor(n, dtype=variance.dtype, device=variance.device)
-    spread, root = variance.clamp_min(1e-30).sqrt(), (n - 1).clamp_min(1).sqrt()  # (no infinite gradient at 0)
-    most = torch.logaddexp(spread * root, (n - 1).clamp_min(1).log() - spread / root) - n.clamp_min(1).log()
-    return torch.minimum(variance / 2, most).masked_fill(n <= 1, 0.0)
+    above the rest, log((exp(s r) + (n - 1) exp(-s / r)) / n) with s the standard deviation and r = sqrt(n - 1),
+    written as s r + log1p((n - 1) exp(-s (r + 1 / r))) - log n. Without that cap, blocks of 2 to 8 keys were
+    overvalued whenever their keys' channels varied. variance (...), n the keys per block (a number); 0 if n <= 1."""
+    if n <= 1:
+        return torch.zeros_like(variance)
+    root = math.sqrt(n - 1)
+    spread = variance.clamp_min(1e-30).sqrt()  # (no infinite gradient at 0)
+    most = torch.log1p((n - 1) * torch.exp(-(root + 1 / root) * spread)) + (root * spread - math.log(n))
+    return torch.minimum(variance / 2, most)
 
 
 def heuristic_block_size(rows, blocks):
@@ -294,28 +296,33 @@ def block_logits(q, prefix, size, count):
 
 
 def mean_over_block_runs(logits, starts):
-    """log of the mean of exp(logits) over runs of consecutive blocks: logits (B, H, R, n), -inf on the blocks no
-    run takes; starts (R, C + 1) (or (1, C + 1) for every row), run c the blocks starts[c] .. starts[c + 1] - 1
-    -> (B, H, R, C), a run with no block counted as one. The exp summed in float64, as a running sum read at
-    the runs' ends."""
-    shift = logits.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).min)  # (B, H, R, 1)
-    running = F.pad((logits - shift).exp_().cumsum(-1, dtype=torch.float64), (1, 0))  # (B, H, R, n + 1)
-    mass = running.gather(-1, starts.expand(*running.shape[:3], starts.size(-1))).diff(dim=-1)  # (B, H, R, C)
-    blocks = starts.diff(dim=-1).clamp_min(1).to(mass.dtype)  # (R, C)
-    return (mass.clamp_min(torch.finfo(mass.dtype).tiny).log() - blocks.log()).to(logits.dtype) + shift
+    """log of the mean of exp(logits) over runs of consecutive blocks: logits (B, H, R, n); starts (R, C + 1) (or
+    (1, C + 1) for every row), run c the blocks starts[c] .. starts[c + 1] - 1 -> (B, H, R, C). A run holds a few
+    blocks (at most about 2 sub-bins + 1), so its exp are summed a place in the run at a time: one gather per
+    place, the places past a run's end left out; no block outside a run is read. The exp are taken below each
+    row's largest logit; a run with no block (or all of whose exp underflow) gets the dtype's lowest number."""
+    B, H, R, n = logits.shape
+    first, blocks = starts[:, :-1], starts.diff(dim=-1)  # (R, C) each
+    if n == 0:  # no block at all
+        return logits.new_full((B, H, R, first.size(-1)), torch.finfo(logits.dtype).min)
+    shift = logits.amax(-1, keepdim=True)  # (B, H, R, 1)
+    weights = (logits - shift).exp_()
+    mass = weights.new_zeros(B, H, R, first.size(-1))
+    for place in range(int(blocks.max())):
+        index = (first + place).clamp(max=n - 1).expand(B, H, R, -1)
+        mass += weights.gather(-1, index).masked_fill_(place >= blocks, 0.0)
+    log_mean = mass.log_() - blocks.clamp_min(1).to(logits.dtype).log() + shift
+    return log_mean.clamp_min(torch.finfo(logits.dtype).min)
 
 
 def block_bin_scores(q, prefix, rows, t_m, size):
     """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
     whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
-    of the blocks whose middle falls in it (block_logits, mean_over_block_runs). Two matmuls and a running sum
-    over the blocks: O(T / size) work a row. The first and the last bin here are not used."""
+    of the blocks whose middle falls in it (block_logits, mean_over_block_runs). Two matmuls and a few gathers:
+    O(T / size) work a row. The first and the last bin here are not used."""
     count = (int(rows[-1]) + 1) // size  # the blocks complete in the last row
     logits = block_logits(q, prefix, size, count)  # (B, H, R, n)
-    starts = bins_first_blocks(rows, t_m, size, count)  # (R, T_M + 1)
-    block = torch.arange(count, device=q.device)
-    middle = (block >= starts[:, 1:2]) & (block < starts[:, -2:-1])  # (R, n): the blocks of bins 1 .. T_M - 2
-    return mean_over_block_runs(logits.masked_fill(~middle, float("-inf")), starts)
+    return mean_over_block_runs(logits, bins_first_blocks(rows, t_m, size, count))
 
 
 def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
@@ -436,15 +443,21 @@ def grouped_topk(p_hat, rows, keys_per_head):
     ranks the same way.
     """
     B, H, R, T_M = p_hat.shape
-    empty = bin_widths(rows, T_M) == 0  # (R, T_M)
-    cells = p_hat.masked_fill(empty, -1.0).transpose(1, 2).reshape(B, R, H * T_M)
-    budget = row_budget(rows, H, keys_per_head, T_M)[:, None]  # (R, 1)
-    largest = cells.topk(int(budget.max()), dim=-1).values  # (B, R, n_max)
-    threshold = largest.gather(-1, (budget - 1).expand(B, R, 1))  # the n_i-th largest value of each row
-    above, tied = cells > threshold, cells == threshold
-    room = budget - above.sum(-1, keepdim=True)  # how many of the tied cells still fit
-    keep = above | (tied & (tied.cumsum(-1) <= room))
-    return keep.view(B, R, H, T_M).transpose(1, 2)
+    scores = p_hat.masked_fill(bin_widths(rows, T_M) == 0, -1.0)  # empty bins last
+    budget = row_budget(rows, H, keys_per_head, T_M)  # (R,)
+    cells = scores.transpose(1, 2).reshape(B, R, H * T_M)  # a row's cells across heads
+    n_max = min(int(budget.max()) + 1, H * T_M)  # one past the largest budget: ties past it show
+    largest = cells.topk(n_max, dim=-1).values  # (B, R, n_max)
+    place = (budget - 1).expand(B, R)[..., None]  # (B, R, 1)
+    threshold = largest.gather(-1, place)  # the n_i-th largest value of each row
+    following = largest.gather(-1, (place + 1).clamp(max=n_max - 1))  # the n_i + 1-th, where there is one
+    keep = scores >= threshold.view(B, 1, R, 1)
+    if bool(((following == threshold) & (place + 1 < H * T_M)).any()):  # ties past the budget: the first ones win
+        tied = cells == threshold
+        room = budget[:, None] - (cells > threshold).sum(-1, keepdim=True)  # how many of the tied cells still fit
+        keep = (cells > threshold) | (tied & (tied.cumsum(-1) <= room))
+        keep = keep.view(B, R, H, T_M).transpose(1, 2)
+    return keep
 
 
 # -----------------------------------------------------------------------------
@@ -661,6 +674,10 @@ class DecodingState(NamedTuple):
 GATE_OPEN = 40.0  # sigmoid(40) rounds to 1 in float64: 1 - 4e-18
 
 
+ESTIMATE_FLOATS = 1 << 20  # a chunk's (B, H, R, T_M) estimate at inference (4 MB): at 8,192 tokens and T_M = 2,048,
+# chunks of 56 rows ran a layer in 7.3 s, of 256 rows in 9.9 s (every large tensor a fresh allocation)
+
+
 class GatedSparseAttention(nn.Module):
     """SEA and its controls: the eight steps in order (attend_chunk). The linear estimate and the
     encoder (steps 1-2) feed the gates; step 7 is a softmax over the kept keys; the gate g0 and the
@@ -728,8 +745,10 @@ class GatedSparseAttention(nn.Module):
         return out, {"kept_per_head": kept}, state
 
     def chunk_rows(self, q):
-        """Query rows per chunk at inference: SEAConfig.query_chunk bounds the memory."""
-        return self.cfg.query_chunk
+        """Query rows per chunk at inference: SEAConfig.query_chunk bounds the memory, and fewer where a chunk's
+        (B, H, R, T_M) estimate would hold more than ESTIMATE_FLOATS numbers."""
+        B, H = q.shape[:2]
+        return max(1, min(self.cfg.query_chunk, ESTIMATE_FLOATS // (B * H * self.cfg.t_m)))
 
     def uses_kernel(self, q):
         """The Triton kernels (kernel.py) for steps 5 and 7: SEAConfig.use_kernel, by default on CUDA.
@@ -856,7 +875,7 @@ class SEAAttention(GatedSparseAttention):
         return s_hat
 
     def chunk_rows(self, q):
-        return self.KERNEL_CHUNK if self.uses_kernel(q) else self.cfg.query_chunk  # the kernels: few, big steps
+        return self.KERNEL_CHUNK if self.uses_kernel(q) else super().chunk_rows(q)  # the kernels: few, big steps
 
     def choose_keys(self, q, k, e, rows, key_prefix):
         s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3

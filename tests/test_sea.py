@@ -311,14 +311,13 @@ def test_the_spread_bonus_is_never_above_what_logits_of_that_variance_can_give()
         logits = 6 * torch.randn(500, n, dtype=torch.float64)  # spread enough that the cap binds
         gap = logits.logsumexp(-1) - math.log(n) - logits.mean(-1)  # what the bonus estimates
         variance = logits.var(-1, unbiased=False)
-        bonus = spread_bonus(variance[None], torch.full((500,), n, dtype=torch.float64))[0]
+        bonus = spread_bonus(variance, n)
         capped = bonus < variance / 2  # the normal's variance / 2 (an estimate, not a bound) is too much there
         assert capped.sum() > 300 and (bonus <= variance / 2).all() and (gap[capped] <= bonus[capped] + 1e-9).all()
         one_above = torch.tensor([math.sqrt(n - 1)] + [-1 / math.sqrt(n - 1)] * (n - 1), dtype=torch.float64)
         worst = 10 * one_above  # one logit far above the rest: the bound is reached
-        torch.testing.assert_close(spread_bonus(worst.var(unbiased=False).view(1, 1), torch.tensor([float(n)])),
-                                   (worst.logsumexp(0) - math.log(n)).view(1, 1))
-    assert spread_bonus(torch.tensor([[3.0, 0.5]]), torch.tensor([1.0, 1000.0])).tolist() == [[0.0, 0.25]]
+        torch.testing.assert_close(spread_bonus(worst.var(unbiased=False), n), worst.logsumexp(0) - math.log(n))
+    assert spread_bonus(torch.tensor([3.0]), 1).tolist() == [0.0] and spread_bonus(torch.tensor([0.5]), 1000).tolist() == [0.25]
 
 
 def test_decoder_upsamples_after_the_1x1_convolution_with_the_same_numbers():
