@@ -305,7 +305,7 @@ def mean_over_block_runs(logits, starts):
     first, blocks = starts[:, :-1], starts.diff(dim=-1)  # (R, C) each
     if n == 0:  # no block at all
         return logits.new_full((B, H, R, first.size(-1)), torch.finfo(logits.dtype).min)
-    shift = logits.amax(-1, keepdim=True)  # (B, H, R, 1)
+    shift = logits.detach().amax(-1, keepdim=True)  # (B, H, R, 1)
     weights = (logits - shift).exp_()
     mass = weights.new_zeros(B, H, R, first.size(-1))
     for place in range(int(blocks.max())):
