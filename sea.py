@@ -386,10 +386,8 @@ def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
     operator calls whatever the context."""
     layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
-    middle = q.new_full((*q.shape[:3], t_m - 2), torch.finfo(q.dtype).min)  # no block at all: as block_bin_scores
-    if layout.end > layout.first:  # the middle bins' blocks only
-        logits = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
-        middle = mean_over_block_runs(logits, layout.at[None])  # (B, H, 1, T_M - 2)
+    logits = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
+    middle = mean_over_block_runs(logits, layout.at[None])  # (B, H, 1, T_M - 2): the middle bins' blocks only
     exact = lambda keys: (grouped_matmul(q, keys.transpose(-2, -1)).logsumexp(-1, keepdim=True)
                           - math.log(keys.size(2)))  # log of the mean of exp over a bin's own keys
     n, empty_bin = row + 1, q.new_zeros(*q.shape[:3], 1)
@@ -453,9 +451,9 @@ def grouped_topk(p_hat, rows, keys_per_head):
     following = largest.gather(-1, (place + 1).clamp(max=n_max - 1))  # the n_i + 1-th, where there is one
     keep = scores >= threshold.view(B, 1, R, 1)
     if bool(((following == threshold) & (place + 1 < H * T_M)).any()):  # ties past the budget: the first ones win
-        tied = cells == threshold
-        room = budget[:, None] - (cells > threshold).sum(-1, keepdim=True)  # how many of the tied cells still fit
-        keep = (cells > threshold) | (tied & (tied.cumsum(-1) <= room))
+        above, tied = cells > threshold, cells == threshold
+        room = budget[:, None] - above.sum(-1, keepdim=True)  # how many of the tied cells still fit
+        keep = above | (tied & (tied.cumsum(-1) <= room))
         keep = keep.view(B, R, H, T_M).transpose(1, 2)
     return keep
 
