@@ -511,11 +511,11 @@ class KeyRanges(NamedTuple):
     def mask(self, T):
         """(B, H, R, T) bool: each cell adds +1 at its start and -1 past its end; the running sum is positive
         on the kept keys."""
-        steps = torch.zeros(*self.shape, T + 1, dtype=torch.int32, device=self.start.device)
-        ones = torch.ones_like(self.start, dtype=torch.int32)
-        steps.index_put_((self.b, self.h, self.r, self.start), ones, accumulate=True)
-        steps.index_put_((self.b, self.h, self.r, self.start + self.length), -ones, accumulate=True)
-        return steps.cumsum(-1)[..., :T] > 0
+        steps = torch.zeros(*self.shape, T + 1, dtype=torch.int8, device=self.start.device)  # the sums are 0 or 1
+        one = torch.ones((), dtype=torch.int8, device=self.start.device)
+        steps.index_put_((self.b, self.h, self.r, self.start), one)  # cells are disjoint: one start a place
+        steps.index_put_((self.b, self.h, self.r, self.start + self.length), -one, accumulate=True)  # on a next start
+        return steps.cumsum(-1, dtype=torch.int8)[..., :T] > 0
 
     def per_head(self):
         """(B, H, R): how many keys each head keeps in each row."""

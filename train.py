@@ -2,7 +2,7 @@
 Train on WikiText-2: a dense teacher (from scratch or fine-tuned), or a SEA / Performer / window
 student distilled from a teacher; with no arguments, the demo on SmolLM2-135M.
 
-    python train.py                                            # the demo (SmolLM2, about 32 min on 2 cores)
+    python train.py                                            # the demo (SmolLM2, about 15 min on 2 cores)
     python train.py --method dense --preset tiny               # tiny teacher from scratch
     python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --t-m 64
     python train.py --method dense --init-from facebook/opt-125m --block-size 2048
@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -28,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as evaluate
-from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, non_negative_float,
-                 non_negative_int, positive_float, positive_int, write_records)
+from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad_input, keep_freed_memory,
+                 non_negative_float, non_negative_int, positive_float, positive_int, write_records)
 from data import DATA_ENV, check_long_enough, get_batch, load_tokens
 from model import (ATTENTION_KINDS, Decoder, DecoderConfig, PRESETS, is_pretrained_source, load_model, read_checkpoint,
                    run_with_attention_hooks)
@@ -124,20 +125,31 @@ def make_optimizer(model, args, only=lambda name: True):
         decay = args.weight_decay if p.dim() >= 2 else 0.0
         groups.setdefault((scale, decay), []).append(p)
     param_groups = [dict(params=ps, lr_scale=scale, weight_decay=decay) for (scale, decay), ps in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=True)  # fused: a step in one pass
 
 
 # -----------------------------------------------------------------------------
 # the training objective: next-token loss, or distillation from a frozen teacher
 
-def dense_map_terms(q, k, target, rows):
-    """Summed over the query rows q (B, H, R, D) at positions `rows`: KL(target || softmax(q k^T)) and the
-    squared error between the two maps, target the teacher's causal attention (B, H, R, T), k (B, H_kv, T, D).
-    The student's log-probabilities are a log_softmax under a finite causal fill (finite gradients)."""
+def dense_map_terms(q, k, target, rows, kl_weight, squares_weight):
+    """kl_weight KL(target || softmax(q k^T)) + squares_weight (softmax(q k^T) - target)^2, summed over the query
+    rows q (B, H, R, D) at positions `rows`, target the teacher's causal attention (B, H, R, T), k (B, H_kv, T,
+    D); and its gradient with respect to q and k, written out: the loss is a sum of f(p_j) over each row's
+    probabilities p = softmax(s), so its gradient to the score s_j is p_j (f'(p_j) - sum_x p_x f'(p_x)).
+    The student's log-probabilities are a log_softmax under a finite causal fill (no infinities)."""
+    B, H_kv, T, D = k.shape
     scores = grouped_matmul(q, k.transpose(-2, -1)).float()
-    log_p = scores.masked_fill(~causal_mask(rows, k.size(2)), torch.finfo(scores.dtype).min).log_softmax(-1)
-    kl = (torch.xlogy(target, target) - target * log_p).sum()
-    return kl, (log_p.exp() - target).square().sum()
+    log_p = scores.masked_fill(~causal_mask(rows, T), torch.finfo(scores.dtype).min).log_softmax(-1)
+    p = log_p.exp()  # 0 past the causal edge, as the target
+    error = p - target
+    loss = (kl_weight * (torch.xlogy(target, target) - target * log_p).sum() + squares_weight * error.square().sum())
+    # f'(p) = -kl_weight t / p + 2 squares_weight (p - t); a row of the target sums to target_mass
+    target_mass = target.sum(-1, keepdim=True)
+    grad_scores = kl_weight * (p * target_mass - target) + 2 * squares_weight * p * (error - (p * error).sum(-1, keepdim=True))
+    grad_scores = grad_scores.to(q.dtype)
+    grad_q = grouped_matmul(grad_scores, k)  # (B, H, R, D)
+    grad_k = grad_scores.reshape(B, H_kv, -1, T).transpose(-2, -1) @ q.reshape(B, H_kv, -1, D)  # a group's heads summed
+    return loss, grad_q, grad_k
 
 
 class DenseMapLoss(torch.autograd.Function):
@@ -156,14 +168,11 @@ class DenseMapLoss(torch.autograd.Function):
         for rows, target in teacher_pieces:
             last = target.size(-1)  # the rows first .. last - 1 see the keys 0 .. last - 1
             first = last - target.size(2)
-            with torch.enable_grad():
-                q_rows, k_seen = (t.detach().requires_grad_() for t in (q[:, :, first:last], k[:, :, :last]))
-                kl, squares = dense_map_terms(q_rows, k_seen, target, rows)
-                loss = 0.1 * kl / (B * H * T) + squares / (B * H * T * T)
-                piece_q, piece_k = torch.autograd.grad(loss, (q_rows, k_seen))
+            loss, piece_q, piece_k = dense_map_terms(q[:, :, first:last].detach(), k[:, :, :last].detach(), target,
+                                                     rows, 0.1 / (B * H * T), 1 / (B * H * T * T))
             grad_q[:, :, first:last] += piece_q
             grad_k[:, :, :last] += piece_k
-            total += loss.detach()
+            total += loss
         ctx.save_for_backward(grad_q, grad_k)
         return total
 
@@ -173,21 +182,38 @@ class DenseMapLoss(torch.autograd.Function):
         return grad_loss * grad_q, grad_loss * grad_k, None
 
 
+class TeacherPass:
+    """The frozen teacher's outputs on a batch x, ((logits, hidden states, _), layers): each layer's attention
+    inputs and output too when need_layers. The last batch's are kept, so that students distilled side by
+    side on the same batches (train_side_by_side) share one teacher pass a step."""
+
+    def __init__(self, teacher, need_layers):
+        self.teacher, self.need_layers, self.last = teacher, need_layers, None
+
+    @torch.no_grad()
+    def __call__(self, x):
+        if self.last is None or not torch.equal(self.last[0], x):
+            self.last = None  # the previous batch's outputs go before the next are made
+            self.last = x, run_with_attention_hooks(self.teacher, x, self.need_layers)
+        return self.last[1]
+
+
 class Objective(nn.Module):
     """forward(x, y) -> (loss, terms). Without a teacher: cross-entropy. With one, the SEA paper's
     distillation loss: 0.1 LM + 5 hidden MSE + 0.2 logits KL, plus the per-layer attention terms
-    when attention_terms (SEA's recipe; the official baselines train without them)."""
+    when attention_terms (SEA's recipe; the official baselines train without them). teacher_pass:
+    another student's TeacherPass of the same teacher, to share its passes (else one of its own)."""
 
-    def __init__(self, student, teacher=None, attention_terms=True):
+    def __init__(self, student, teacher=None, attention_terms=True, teacher_pass=None):
         super().__init__()
         self.student, self.teacher, self.attention_terms = student, teacher, attention_terms
+        self.teacher_pass = teacher_pass or (TeacherPass(teacher, attention_terms) if teacher is not None else None)
 
     def forward(self, x, y):
         if self.teacher is None:
             loss = self.student(x, y)[1]
             return loss, {"lm": loss}
-        with torch.no_grad():
-            (t_logits, t_hidden, _), t_layers = run_with_attention_hooks(self.teacher, x, self.attention_terms)
+        (t_logits, t_hidden, _), t_layers = self.teacher_pass(x)
         s_logits, s_hidden, s_layers = self.student.forward_internals(x, need_layers=self.attention_terms)
         lm, kl = vocabulary_terms(s_logits, t_logits, y)
         terms = {
@@ -391,22 +417,23 @@ def train(args):
     return finish(run, run.ckpt_path)
 
 
-def start_run(args):
+def start_run(args, teacher_pass=None):
     """The process's place, the model (fresh, a student of the teacher, or resumed from its checkpoint), the
-    teacher and the objective, the optimizer, and a fresh history unless resumed."""
+    teacher (teacher_pass's, to share its passes, else loaded) and the objective, the optimizer, and a fresh
+    history unless resumed."""
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed + rank)
     ckpt_path = Path(args.out_dir) / "ckpt.pt"
     checkpoint = read_resumed_checkpoint(ckpt_path, args) if args.resume else None
     model = Decoder.from_checkpoint_dict(checkpoint, str(ckpt_path)) if checkpoint else build_student(args)
-    teacher = load_teacher(args)
+    teacher = teacher_pass.teacher if teacher_pass else load_teacher(args)
     args.block_size = args.block_size or model.config.block_size
     if args.block_size > model.config.block_size:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's "
                          f"{model.config.block_size} learned positions")
     model.to(device)
     objective = Objective(model, teacher.to(device) if teacher is not None else None,
-                          attention_terms=args.method != "dense" and args.attention_terms)
+                          attention_terms=args.method != "dense" and args.attention_terms, teacher_pass=teacher_pass)
     optimizer = make_optimizer(model, args)
     start_iter, best_val = 0, float("inf")
     if checkpoint is not None:
@@ -449,9 +476,32 @@ def finish(run, result):
     return result
 
 
+def train_side_by_side(all_args):
+    """Distil several students of one teacher (the flags of each in all_args; no warm-up, one process) a step
+    of each in turn: on the same windows (the same --seed) the teacher's pass of a window is made once for
+    all of them (TeacherPass), with the same numbers as each run alone. Returns their checkpoints' paths."""
+    if any(args.method == "dense" or args.estimator_iters or args.training_free or args.resume for args in all_args):
+        raise ValueError("train_side_by_side distils fresh students only (no dense run, warm-up or --resume)")
+    runs, teacher_pass = [], None
+    for args in all_args:
+        runs.append(start_run(args, teacher_pass))
+        teacher_pass = runs[-1].objective.teacher_pass
+    steps = [optimizing(run, *(load_text(split, args, run.model) for split in ("train", "valid")), args)
+             for run, args in zip(runs, all_args)]
+    for _ in zip_longest(*steps):  # each generator takes one step
+        pass
+    return [finish(run, run.ckpt_path) for run in runs]
+
+
 def optimize(run, train_tokens, val_tokens, args):
     """The main phase: next-token training (a teacher) or distillation (a student), with validation,
     checkpoints and the kept keys' recall every --eval-interval steps."""
+    for _ in optimizing(run, train_tokens, val_tokens, args):
+        pass
+
+
+def optimizing(run, train_tokens, val_tokens, args):
+    """optimize as a generator that yields after each step (train_side_by_side interleaves several)."""
     model, optimizer = run.model, run.optimizer
     objective = run.objective
     if run.world > 1:
@@ -480,6 +530,7 @@ def optimize(run, train_tokens, val_tokens, args):
             log_step(done, loss, terms, lr_at(it, args), tokens_per_iter, clock, run, args)
         if run.master and (done % args.eval_interval == 0 or done == args.max_iters):
             best_val = validate(done, best_val, val_tokens, tokens_per_iter, run, args)
+        yield done
 
 
 def optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, run, args):
@@ -505,7 +556,7 @@ def log_step(done, loss, terms, lr, tokens_per_iter, clock, run, args):
     now = time.time()
     iters = done - max(run.start_iter, done - args.log_interval)
     shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
-    print(f"iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
+    print(f"{args.method} iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
           f"lr {lr:.2e} | {iters * tokens_per_iter / (now - clock['last_log']):,.0f} tok/s | "
           f"{now - clock['started']:.0f}s{peak_memory(run.device)}", flush=True)
     clock["last_log"] = now
@@ -519,7 +570,7 @@ def validate(done, best_val, val_tokens, tokens_per_iter, run, args):
                          f"(try a lower --lr); {run.ckpt_path} was left as it was")
     best_val = min(best_val, val)
     save_checkpoint(run.ckpt_path, run.model, run.optimizer, done, best_val, args)
-    print(f"iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {run.ckpt_path}", flush=True)
+    print(f"{args.method} iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {run.ckpt_path}", flush=True)
     stats = report_recall(run.model, run.objective.teacher, val_tokens, args, f"iter {done}")
     record(run.history, phase=args.method, step=done, tokens=done * tokens_per_iter, val_loss=val, **stats)
     return best_val
@@ -724,11 +775,12 @@ def as_command(flags):
 # the demo: python train.py with no arguments
 
 TEST_DATA_ENV = "SEA_TEST_DATA_DIR"  # the demo's test text, when it is not in the training folder
-DEMO_SWAPS = (*CONTROLS, "perfect-estimate", "oracle")  # no training: only the key choice
+DEMO_SWAPS = ("window", "sink-window", "block-mean", "sea-heuristic", "perfect-estimate", "oracle")  # untrained: only
+# the key choice; block-bound, a second block control, is left to eval.py (the README's table has it)
 DEMO_STUDENTS = ("sea", "sink-window")  # the demo distils ours and its control
 
 
-def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distill_steps=20, warm_up_steps=20,
+def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distill_steps=20, warm_up_steps=10,
          windows=4, out_dir="out/demo"):
     """SmolLM2-135M, frozen, with only its attention swapped, each way keeping about k keys per query per
     head (3% of a late row at T = 512): the controls and our SEA untrained (sea-heuristic), the analysis
@@ -743,12 +795,12 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
     ours = dict(estimator="residual", sub_bins=sub_bins)
     distilled = {method: dict(method=method, **knobs, **(ours if method == "sea" else {}),
                               open_gates=True, max_iters=distill_steps, eval_interval=max(1, distill_steps // 2),
-                              eval_iters=2, recall=False, log_interval=max(1, distill_steps // 10),
+                              eval_iters=1, recall=False, log_interval=max(1, distill_steps // 10),
                               out_dir=f"{out_dir}/{method}")
                  for method in DEMO_STUDENTS}
     runs = {name: settle(**flags) for name, flags in (("paper", paper), *distilled.items())}  # all checked first
     device = runs["paper"].device
-    step(f"1/5 the teacher: {source}")
+    step(f"1/4 the teacher: {source}")
     teacher = load_model(source).eval()
     tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
     # the teacher's maps, once for every row of the table
@@ -758,20 +810,22 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
         teacher_ppl, max_windows=windows, teacher_attention=teacher_attention), training=training)
     rows = {"dense teacher": dict(measure(teacher.to(device), "-"), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
-    step(f"2/5 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
+    step(f"2/4 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
     for kind in DEMO_SWAPS:
         model = load_model(source, attn=kind, sea=SEAConfig(k=k, t_m=t_m, sub_bins=sub_bins)).open_gates()
         rows[kind] = measure(model, "none", teacher_ppl)
         print(f"{kind}: ppl {rows[kind]['ppl']:.2f} ({rows[kind]['ratio']:.3f}x)", flush=True)
-    step(f"3/5 the paper's estimator, trained alone first: {as_command(paper)}")
+    step(f"3/4 the paper's estimator, trained alone first: {as_command(paper)}")
     rows["sea, paper's"] = measure(Decoder.from_checkpoint(train(runs["paper"])), f"warm-up {warm_up_steps} windows",
                                    teacher_ppl)
-    students = {}
-    for number, method in enumerate(DEMO_STUDENTS, start=4):
-        step(f"{number}/5 distil {method} (the paper's loss, from open gates): {as_command(distilled[method])}")
-        students[method] = Decoder.from_checkpoint(train(runs[method]))
-        rows[distilled_name(method, distill_steps)] = measure(students[method], f"distilled {distill_steps} steps",
-                                                              teacher_ppl)
+    step(f"4/4 distil {' and '.join(DEMO_STUDENTS)} by the paper's loss from open gates, side by side: the same "
+         f"windows, one teacher pass a step for both, the numbers of each command alone")
+    for method in DEMO_STUDENTS:
+        print(f"{method}: {as_command(distilled[method])}")
+    paths = train_side_by_side([runs[method] for method in DEMO_STUDENTS])
+    students = {method: Decoder.from_checkpoint(path) for method, path in zip(DEMO_STUDENTS, paths)}
+    for method, student in students.items():
+        rows[distilled_name(method, distill_steps)] = measure(student, f"distilled {distill_steps} steps", teacher_ppl)
     print(f"\ntest split, first {windows} windows of {block_size} tokens, k = {k}, T_M = {t_m}, {sub_bins} sub-bins, "
           f"{time.time() - started:.0f}s in all")
     print(evaluate.table_header(training=True))
@@ -806,6 +860,7 @@ def distillation_sentence(rows, steps):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     exit_on_bad_input(lambda: demo() if not argv else train(parse_args(argv)))
 
 

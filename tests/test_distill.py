@@ -196,3 +196,28 @@ def test_a_resumed_distillation_equals_one_run(wikitext, teacher_path, tmp_path,
     whole, split = (torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["model"] for name in ("whole", "split"))
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], msg=name)
+
+
+def test_students_trained_side_by_side_equal_each_trained_alone(wikitext, teacher_path, tmp_path, monkeypatch):
+    """train_side_by_side shares each step's teacher pass between the students (one pass a window, counted
+    here) and gives each the weights its own run gives."""
+    def flags(method, where):
+        return ["--method", method, "--teacher", str(teacher_path), "--data-dir", str(wikitext), "--batch-size", "2",
+                "--block-size", "32", "--k", "4", "--t-m", "8", "--eval-iters", "1", "--max-iters", "3",
+                "--open-gates", "--dtype", "float32", "--out-dir", str(tmp_path / where / method)]
+    methods = ("sea", "sink-window")
+    for method in methods:
+        train.main(flags(method, "alone"))
+    passes = []
+    make_pass = train.run_with_attention_hooks
+    monkeypatch.setattr(train, "run_with_attention_hooks", lambda *a, **k: passes.append(1) or make_pass(*a, **k))
+    paths = train.train_side_by_side([train.parse_args(flags(method, "together")) for method in methods])
+    assert len(passes) == 3  # one teacher pass a step for both students
+    for method, path in zip(methods, paths):
+        alone, together = (torch.load(tmp_path / where / method / "ckpt.pt", weights_only=False)["model"]
+                           for where in ("alone", "together"))
+        assert path == tmp_path / "together" / method / "ckpt.pt"
+        for name in alone:
+            torch.testing.assert_close(together[name], alone[name], msg=f"{method}: {name}")
+    with pytest.raises(ValueError, match="fresh students only"):
+        train.train_side_by_side([train.parse_args(flags("sea", "more") + ["--resume"])])
