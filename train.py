@@ -208,6 +208,9 @@ class Objective(nn.Module):
         super().__init__()
         self.student, self.teacher, self.attention_terms = student, teacher, attention_terms
         self.teacher_pass = teacher_pass or (TeacherPass(teacher, attention_terms) if teacher is not None else None)
+        if attention_terms and self.teacher_pass and not self.teacher_pass.need_layers:
+            raise ValueError("a student trained with the attention terms cannot share a teacher pass made without "
+                             "the teacher's layers")
 
     def forward(self, x, y):
         if self.teacher is None:

@@ -219,5 +219,7 @@ def test_students_trained_side_by_side_equal_each_trained_alone(wikitext, teache
         assert path == tmp_path / "together" / method / "ckpt.pt"
         for name in alone:
             torch.testing.assert_close(together[name], alone[name], msg=f"{method}: {name}")
+    with pytest.raises(ValueError, match="cannot share a teacher pass"):
+        train.Objective(None, None, teacher_pass=train.TeacherPass(None, need_layers=False))
     with pytest.raises(ValueError, match="fresh students only"):
         train.train_side_by_side([train.parse_args(flags("sea", "more") + ["--resume"])])
