@@ -17,6 +17,7 @@ gguf_tensors): the tokenizer takes their vocabulary, weights.py their tensors. T
 nothing of the project's own.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -153,10 +154,19 @@ def hf_json_tokenizer(path):
 
 
 def read_gguf(path):
-    """gguf.GGUFReader of the file, or one error that names the file and what is wrong with it."""
+    """gguf.GGUFReader of the file, or one error that names the file and what is wrong with it. Parsed once a
+    process while the file is unchanged (parsed_gguf): a model and its tokenizer both read their GGUF, and the
+    gguf package takes seconds over a vocabulary of 49,152 tokens."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file (pass a .gguf file or a name: {sorted(PRETRAINED)})")
+    stat = path.stat()
+    return parsed_gguf(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def parsed_gguf(path, size, mtime_ns):
+    """read_gguf's reader of the file at path, as long as its size and modification time are these."""
     if not has_gguf_magic(path):
         raise ValueError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
     try:
@@ -168,7 +178,6 @@ def read_gguf(path):
     except Exception as e:  # a cut-off file fails in many ways inside the reader
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be "
                          f"truncated: fetch it again") from None
-    size = path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
             raise ValueError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file; "

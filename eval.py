@@ -135,12 +135,16 @@ class TeacherAttention:
     """The teacher's attention on the split's first `windows` windows, and the perfect estimate's recall on it,
     which the mask statistics of every student reuse: computed once for all the rows of a table. probs[layer]
     (B, H, T, T); with keep_sorted, also each row's sorted cumulative mass for the oracle's column,
-    top_mass[layer] (top_key_mass: one sort for all the rows, at the memory of a second copy of the maps)."""
+    top_mass[layer] (top_key_mass: one sort for all the rows, at the memory of a second copy of the maps); with
+    dtype (a perplexity run's), the teacher's mean token NLL on each of those windows, window_nll."""
 
     @torch.no_grad()
-    def __init__(self, teacher, tokens, block_size, windows=RECALL_WINDOWS, keep_sorted=False):
+    def __init__(self, teacher, tokens, block_size, windows=RECALL_WINDOWS, keep_sorted=False, dtype=None):
         self.idx = sample_windows(tokens, block_size, windows).to(next(teacher.parameters()).device)
-        _, _, layers = teacher.eval().forward_internals(self.idx, need_hidden=False, logits=None)
+        with autocast_context(self.idx.device, dtype or "float32"):
+            logits, _, layers = teacher.eval().forward_internals(self.idx, need_hidden=False,
+                                                                 logits="all" if dtype else None)
+        self.window_nll = mean_token_nll(logits, self.idx) if dtype else []  # the teacher's own row reuses them
         self.probs = [layer["probs"] for layer in layers]
         self.top_mass = [top_key_mass(probs) if keep_sorted else None for probs in self.probs]
         self.perfect = {}  # (k, T_M) -> each layer's perfect-estimate recall (B, H, T)
@@ -451,12 +455,13 @@ def plot_validation(paths, path, labels):
 
 
 def describe(model, teacher, tokens, block_size, batch_size, device, dtype, teacher_ppl=None, max_windows=None,
-             teacher_attention=None):
+             teacher_attention=None, known=()):
     """One results row: perplexity on the split's first max_windows windows (all by default), ratio to
     the teacher, and the mask statistics of a student that keeps keys (on teacher_attention, of these tokens,
-    built here when not given; the pass that takes them scores its windows for the perplexity too). tokens: the whole
-    split's length; scored: the tokens predicted."""
-    stats, known = {}, []
+    built here when not given; the pass that takes them scores its windows for the perplexity too). known: the
+    model's mean token NLL on the first windows where already computed (the teacher's, by its TeacherAttention).
+    tokens: the whole split's length; scored: the tokens predicted."""
+    stats = {}
     if teacher is not None and model.config.attn in MASKED_KINDS:
         teacher_attention = teacher_attention or TeacherAttention(teacher, tokens, block_size)
         stats = mask_statistics(model.to(device), teacher_attention, dtype)

@@ -444,11 +444,8 @@ def grouped_topk(p_hat, rows, keys_per_head):
     scores = p_hat.masked_fill(bin_widths(rows, T_M) == 0, -1.0)  # empty bins last
     budget = row_budget(rows, H, keys_per_head, T_M)  # (R,)
     cells = scores.transpose(1, 2).reshape(B, R, H * T_M)  # a row's cells across heads
-    n_max = min(int(budget.max()) + 1, H * T_M)  # one past the largest budget: ties past it show
-    largest = cells.topk(n_max, dim=-1).values  # (B, R, n_max)
+    threshold, following = budget_thresholds(cells, budget)  # (B, R, 1) each
     place = (budget - 1).expand(B, R)[..., None]  # (B, R, 1)
-    threshold = largest.gather(-1, place)  # the n_i-th largest value of each row
-    following = largest.gather(-1, (place + 1).clamp(max=n_max - 1))  # the n_i + 1-th, where there is one
     keep = scores >= threshold.view(B, 1, R, 1)
     if bool(((following == threshold) & (place + 1 < H * T_M)).any()):  # ties past the budget: the first ones win
         above, tied = cells > threshold, cells == threshold
@@ -456,6 +453,24 @@ def grouped_topk(p_hat, rows, keys_per_head):
         keep = above | (tied & (tied.cumsum(-1) <= room))
         keep = keep.view(B, R, H, T_M).transpose(1, 2)
     return keep
+
+
+def budget_thresholds(cells, budget):
+    """The n_i-th largest of each row's cells (B, R, N), n_i = budget (R,), and the n_i + 1-th (the n_i-th again
+    where there is none): (B, R, 1) each. A top-k costs about its k, and budgets fall as 1 / (i + 1), so the rows
+    go in groups by the power of two above n_i + 1, each group's top-k no larger than twice its rows need."""
+    B, R, N = cells.shape
+    threshold, following = cells.new_empty(B, R, 1), cells.new_empty(B, R, 1)
+    group_of = torch.log2((budget + 1).clamp(max=N).double()).ceil().long()  # (R,)
+    groups = group_of.unique().tolist()
+    for group in groups:
+        members = (group_of == group).nonzero().flatten() if len(groups) > 1 else slice(None)  # r rows
+        n_max = min(2 ** group, N)  # one past each member's budget: ties past it show
+        largest = cells[:, members].topk(n_max, dim=-1).values  # (B, r, n_max)
+        place = (budget[members] - 1).expand(B, -1)[..., None]  # (B, r, 1)
+        threshold[:, members] = largest.gather(-1, place)
+        following[:, members] = largest.gather(-1, (place + 1).clamp(max=n_max - 1))
+    return threshold, following
 
 
 # -----------------------------------------------------------------------------

@@ -139,13 +139,17 @@ def dense_map_terms(q, k, target, rows, kl_weight, squares_weight):
     The student's log-probabilities are a log_softmax under a finite causal fill (no infinities)."""
     B, H_kv, T, D = k.shape
     scores = grouped_matmul(q, k.transpose(-2, -1)).float()
-    log_p = scores.masked_fill(~causal_mask(rows, T), torch.finfo(scores.dtype).min).log_softmax(-1)
-    p = log_p.exp()  # 0 past the causal edge, as the target
+    scores.masked_fill_(~causal_mask(rows, T), torch.finfo(scores.dtype).min)
+    log_p, p = scores.log_softmax(-1), scores.softmax(-1)  # p is 0 past the causal edge, as the target
     error = p - target
-    loss = (kl_weight * (torch.xlogy(target, target) - target * log_p).sum() + squares_weight * error.square().sum())
+    flat = lambda x: x.reshape(-1)  # the sums over every entry as dot products: no product tensor kept
+    loss = (kl_weight * (torch.xlogy(target, target).sum() - torch.dot(flat(target), flat(log_p)))
+            + squares_weight * torch.dot(flat(error), flat(error)))
     # f'(p) = -kl_weight t / p + 2 squares_weight (p - t); a row of the target sums to target_mass
     target_mass = target.sum(-1, keepdim=True)
-    grad_scores = kl_weight * (p * target_mass - target) + 2 * squares_weight * p * (error - (p * error).sum(-1, keepdim=True))
+    error_mass = (p.unsqueeze(-2) @ error.unsqueeze(-1)).squeeze(-1)  # sum_x p_x (p_x - t_x) of each row
+    grad_scores = (error - error_mass).mul_(p).mul_(2 * squares_weight)
+    grad_scores.add_(torch.addcmul(target, p, target_mass, value=-1), alpha=-kl_weight)  # + kl_weight (p m - t)
     grad_scores = grad_scores.to(q.dtype)
     grad_q = grouped_matmul(grad_scores, k)  # (B, H, R, D)
     grad_k = grad_scores.reshape(B, H_kv, -1, T).transpose(-2, -1) @ q.reshape(B, H_kv, -1, D)  # a group's heads summed
@@ -185,16 +189,20 @@ class DenseMapLoss(torch.autograd.Function):
 class TeacherPass:
     """The frozen teacher's outputs on a batch x, ((logits, hidden states, _), layers): each layer's attention
     inputs and output too when need_layers. The last batch's are kept, so that students distilled side by
-    side on the same batches (train_side_by_side) share one teacher pass a step."""
+    side on the same batches (train_side_by_side) share one teacher pass a step; with keep_maps, each layer's
+    map too (its causal pieces, "pieces"), which the students would otherwise each rebuild from q and k."""
 
-    def __init__(self, teacher, need_layers):
-        self.teacher, self.need_layers, self.last = teacher, need_layers, None
+    def __init__(self, teacher, need_layers, keep_maps=False):
+        self.teacher, self.need_layers, self.keep_maps, self.last = teacher, need_layers, keep_maps, None
 
     @torch.no_grad()
     def __call__(self, x):
         if self.last is None or not torch.equal(self.last[0], x):
             self.last = None  # the previous batch's outputs go before the next are made
-            self.last = x, run_with_attention_hooks(self.teacher, x, self.need_layers)
+            outputs, layers = run_with_attention_hooks(self.teacher, x, self.need_layers)
+            for layer in layers if self.keep_maps else []:
+                layer["pieces"] = list(causal_attention_pieces(layer["q"], layer["k"]))
+            self.last = x, (outputs, layers)
         return self.last[1]
 
 
@@ -235,9 +243,9 @@ class Objective(nn.Module):
     def layer_terms(student, teacher):
         """One layer's attention terms: student's internals (q, k, context, and SEA's scores) against the
         teacher's (q, k, context), whose map is rebuilt from its q and k once, in causal pieces of rows
-        (half a T x T map, one layer's at a time), for both map terms."""
+        (half a T x T map, one layer's at a time), for both map terms; or read as a shared TeacherPass kept it."""
         terms = {}
-        teacher_pieces = list(causal_attention_pieces(teacher["q"], teacher["k"]))
+        teacher_pieces = teacher.get("pieces") or list(causal_attention_pieces(teacher["q"], teacher["k"]))
         if "scores" in student:  # SEA's estimated map vs the teacher's attention
             target = attention_bin_targets(teacher_pieces, student["scores"].size(-1))
             terms["estimate"] = estimate_loss(student["scores"], target)
@@ -482,18 +490,20 @@ def finish(run, result):
 def train_side_by_side(all_args):
     """Distil several students of one teacher (the flags of each in all_args; no warm-up, one process) a step
     of each in turn: on the same windows (the same --seed) the teacher's pass of a window is made once for
-    all of them (TeacherPass), with the same numbers as each run alone. Returns their checkpoints' paths."""
+    all of them (TeacherPass), with the same numbers as each run alone. Returns each student, trained, with the
+    path of its checkpoint: [(model, path)]."""
     if any(args.method == "dense" or args.estimator_iters or args.training_free or args.resume for args in all_args):
         raise ValueError("train_side_by_side distils fresh students only (no dense run, warm-up or --resume)")
     runs, teacher_pass = [], None
     for args in all_args:
         runs.append(start_run(args, teacher_pass))
         teacher_pass = runs[-1].objective.teacher_pass
+        teacher_pass.keep_maps = teacher_pass.need_layers  # the teacher's maps, built once for all the students
     steps = [optimizing(run, *(load_text(split, args, run.model) for split in ("train", "valid")), args)
              for run, args in zip(runs, all_args)]
     for _ in zip_longest(*steps):  # each generator takes one step
         pass
-    return [finish(run, run.ckpt_path) for run in runs]
+    return [(run.model, finish(run, run.ckpt_path)) for run in runs]
 
 
 def optimize(run, train_tokens, val_tokens, args):
@@ -566,14 +576,18 @@ def log_step(done, loss, terms, lr, tokens_per_iter, clock, run, args):
 
 
 def validate(done, best_val, val_tokens, tokens_per_iter, run, args):
-    """The validation loss, a checkpoint and the kept keys' recall; returns the best validation loss so far."""
+    """The validation loss, a checkpoint (after step 0) and the kept keys' recall; returns the best validation loss
+    so far."""
     val = estimate_val_loss(run.model, val_tokens, args, run.device)
     if not math.isfinite(val):  # a diverged run never overwrites a good checkpoint
         raise ValueError(f"validation loss is {val} at iteration {done}: training diverged "
                          f"(try a lower --lr); {run.ckpt_path} was left as it was")
     best_val = min(best_val, val)
-    save_checkpoint(run.ckpt_path, run.model, run.optimizer, done, best_val, args)
-    print(f"{args.method} iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}), saved {run.ckpt_path}", flush=True)
+    saved = ""
+    if done:  # at step 0 nothing is trained yet: no checkpoint (1.7 GB for SmolLM2 with the optimizer's state)
+        save_checkpoint(run.ckpt_path, run.model, run.optimizer, done, best_val, args)
+        saved = f", saved {run.ckpt_path}"
+    print(f"{args.method} iter {done}: val loss {val:.4f} (ppl {math.exp(val):.1f}){saved}", flush=True)
     stats = report_recall(run.model, run.objective.teacher, val_tokens, args, f"iter {done}")
     record(run.history, phase=args.method, step=done, tokens=done * tokens_per_iter, val_loss=val, **stats)
     return best_val
@@ -807,11 +821,12 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
     teacher = load_model(source).eval()
     tokens = load_tokens("test", os.environ.get(TEST_DATA_ENV), None, teacher.config.tokenizer)
     # the teacher's maps, once for every row of the table
-    teacher_attention = evaluate.TeacherAttention(teacher.to(device), tokens, block_size, keep_sorted=True)
-    measure = lambda model, training, teacher_ppl=None: dict(evaluate.describe(
+    teacher_attention = evaluate.TeacherAttention(teacher.to(device), tokens, block_size, keep_sorted=True,
+                                                  dtype="float32")  # which scores the teacher's windows too
+    measure = lambda model, training, teacher_ppl=None, known=(): dict(evaluate.describe(
         model.to(device), teacher if teacher_ppl else None, tokens, block_size, 1, device, "float32",
-        teacher_ppl, max_windows=windows, teacher_attention=teacher_attention), training=training)
-    rows = {"dense teacher": dict(measure(teacher.to(device), "-"), ratio=1.0)}
+        teacher_ppl, max_windows=windows, teacher_attention=teacher_attention, known=known), training=training)
+    rows = {"dense teacher": dict(measure(teacher, "-", known=teacher_attention.window_nll), ratio=1.0)}
     teacher_ppl = rows["dense teacher"]["ppl"]
     step(f"2/4 training-free swaps of the teacher's attention: {', '.join(DEMO_SWAPS)}")
     for kind in DEMO_SWAPS:
@@ -825,8 +840,8 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
          f"windows, one teacher pass a step for both, the numbers of each command alone")
     for method in DEMO_STUDENTS:
         print(f"{method}: {as_command(distilled[method])}")
-    paths = train_side_by_side([runs[method] for method in DEMO_STUDENTS])
-    students = {method: Decoder.from_checkpoint(path) for method, path in zip(DEMO_STUDENTS, paths)}
+    trained = train_side_by_side([runs[method] for method in DEMO_STUDENTS])
+    students = {method: model for method, (model, _) in zip(DEMO_STUDENTS, trained)}  # as their checkpoints hold them
     for method, student in students.items():
         rows[distilled_name(method, distill_steps)] = measure(student, f"distilled {distill_steps} steps", teacher_ppl)
     print(f"\ntest split, first {windows} windows of {block_size} tokens, k = {k}, T_M = {t_m}, {sub_bins} sub-bins, "

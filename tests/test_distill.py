@@ -211,14 +211,15 @@ def test_students_trained_side_by_side_equal_each_trained_alone(wikitext, teache
     passes = []
     make_pass = train.run_with_attention_hooks
     monkeypatch.setattr(train, "run_with_attention_hooks", lambda *a, **k: passes.append(1) or make_pass(*a, **k))
-    paths = train.train_side_by_side([train.parse_args(flags(method, "together")) for method in methods])
+    students = train.train_side_by_side([train.parse_args(flags(method, "together")) for method in methods])
     assert len(passes) == 3  # one teacher pass a step for both students
-    for method, path in zip(methods, paths):
+    for method, (student, path) in zip(methods, students):
         alone, together = (torch.load(tmp_path / where / method / "ckpt.pt", weights_only=False)["model"]
                            for where in ("alone", "together"))
         assert path == tmp_path / "together" / method / "ckpt.pt"
         for name in alone:
             torch.testing.assert_close(together[name], alone[name], msg=f"{method}: {name}")
+            torch.testing.assert_close(student.state_dict()[name], together[name], rtol=0, atol=0)  # the one saved
     with pytest.raises(ValueError, match="cannot share a teacher pass"):
         train.Objective(None, None, teacher_pass=train.TeacherPass(None, need_layers=False))
     with pytest.raises(ValueError, match="fresh students only"):

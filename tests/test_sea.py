@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, DecoderConfig
 import sea
 from controls import CONTROLS, OracleAttention, PerfectEstimateAttention, SinkWindowAttention, WindowAttention
-from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets,
+from sea import (CompressedScoreDecoder, KeptKeys, KeyPrefixSums, SEAAttention, SEAConfig, bin_targets, bin_widths,
                  causal_linear_attention, decompress, estimate_loss, estimated_attention_map, spread_bonus, grouped_topk,
                  kept_key_mask, masked_attention, block_moments, row_budget, sparse_attention)
 
@@ -128,6 +128,23 @@ def test_kept_bins_per_row_equal_the_budget_formula():
     expected = [max(1, min(H * T_M, round(H * k * T_M / (i + 1)))) for i in range(T)]
     assert kept.tolist() == [expected] * B
     assert row_budget(torch.arange(T), H, k, T_M).tolist() == expected
+
+
+def test_grouped_topk_equals_a_stable_sort_of_each_rows_cells():
+    """Step 5 against its definition, row by row: the budget's first cells of a stable descending sort (ties to the
+    lower cell; empty bins last), on rows whose budgets span many of budget_thresholds' groups, with many ties."""
+    B, H, T, T_M, k = 2, 3, 300, 16, 4
+    p_hat = torch.randint(0, 5, (B, H, T, T_M), generator=torch.Generator().manual_seed(5)).float() / 4
+    rows = torch.arange(T)
+    budget = row_budget(rows, H, k, T_M)
+    cells = p_hat.masked_fill(bin_widths(rows, T_M) == 0, -1.0).transpose(1, 2).reshape(B, T, H * T_M)
+    expected = torch.zeros(B, T, H * T_M, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            expected[b, i, cells[b, i].sort(descending=True, stable=True).indices[:budget[i]]] = True
+    expected = expected.view(B, T, H, T_M).transpose(1, 2)
+    assert torch.equal(grouped_topk(p_hat, rows, k), expected)
+    assert torch.equal(grouped_topk(p_hat[:, :, 200:], rows[200:], k), expected[:, :, 200:])  # a later chunk alone
 
 
 def test_causal_linear_attention_matches_quadratic_form():
