@@ -535,9 +535,11 @@ def optimizing(run, train_tokens, val_tokens, args):
     if run.master and not run.resumed and args.method != "dense":  # a student's curve starts where it stands untrained
         best_val = validate(0, best_val, val_tokens, tokens_per_iter, run, args)
     model.train()
-    clock = dict(started=time.time(), last_log=time.time())
+    clock = dict(started=time.time(), steps=0, stepping=0.0)  # since the last line: steps, and seconds in them
     for it in range(run.start_iter, args.max_iters):
+        step_started = time.time()
         loss, terms = optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, run, args)
+        clock["steps"], clock["stepping"] = clock["steps"] + 1, clock["stepping"] + time.time() - step_started
         done = it + 1
         if run.master and (done % args.log_interval == 0 or done == args.max_iters):
             log_step(done, loss, terms, lr_at(it, args), tokens_per_iter, clock, run, args)
@@ -566,13 +568,13 @@ def optimizer_step(objective, optimizer, scaler, train_tokens, generator, it, ru
 
 
 def log_step(done, loss, terms, lr, tokens_per_iter, clock, run, args):
-    now = time.time()
-    iters = done - max(run.start_iter, done - args.log_interval)
+    """One line: the loss and its terms, the learning rate, tokens/s over this run's own steps since its last line
+    (side by side, not counting the other students' steps) and the time since the run's first step."""
     shown = " ".join(f"{name} {value.item():.4f}" for name, value in terms.items())
     print(f"{args.method} iter {done}/{args.max_iters} | loss {loss.item():.4f} ({shown}) | "
-          f"lr {lr:.2e} | {iters * tokens_per_iter / (now - clock['last_log']):,.0f} tok/s | "
-          f"{now - clock['started']:.0f}s{peak_memory(run.device)}", flush=True)
-    clock["last_log"] = now
+          f"lr {lr:.2e} | {clock['steps'] * tokens_per_iter / clock['stepping']:,.0f} tok/s | "
+          f"{time.time() - clock['started']:.0f}s{peak_memory(run.device)}", flush=True)
+    clock["steps"], clock["stepping"] = 0, 0.0
 
 
 def validate(done, best_val, val_tokens, tokens_per_iter, run, args):
@@ -812,7 +814,7 @@ def demo(source="smollm2-135m", block_size=512, k=16, t_m=64, sub_bins=2, distil
     ours = dict(estimator="residual", sub_bins=sub_bins)
     distilled = {method: dict(method=method, **knobs, **(ours if method == "sea" else {}),
                               open_gates=True, max_iters=distill_steps, eval_interval=max(1, distill_steps // 2),
-                              eval_iters=1, recall=False, log_interval=max(1, distill_steps // 10),
+                              eval_iters=1, recall=False, log_interval=1,
                               out_dir=f"{out_dir}/{method}")
                  for method in DEMO_STUDENTS}
     runs = {name: settle(**flags) for name, flags in (("paper", paper), *distilled.items())}  # all checked first
