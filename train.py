@@ -2,7 +2,7 @@
 Train on WikiText-2: a dense teacher (from scratch or fine-tuned), or a SEA / Performer / window
 student distilled from a teacher; with no arguments, the demo on SmolLM2-135M.
 
-    python train.py                                            # the demo (SmolLM2, about 17.5 min on 2 cores)
+    python train.py                                            # the demo (SmolLM2, 14 to 15 min on 2 cores)
     python train.py --method dense --preset tiny               # tiny teacher from scratch
     python train.py --method sea --teacher out/dense-tiny/ckpt.pt --k 8 --t-m 64
     python train.py --method dense --init-from facebook/opt-125m --block-size 2048
