@@ -8,7 +8,8 @@ its estimate. Each says only which keys a (head, row) keeps (choose_keys); none 
     block-mean      fixed blocks of SEAConfig.block keys, scored by q . (the block's mean key) (MoBA)
     block-bound     the same blocks, scored by Quest's bound sum_c max(q_c kmax_c, q_c kmin_c)
     sea-heuristic   SEA's bins, budget and grouped top-k, each bin scored from the keys with no learned
-                    part (sea.heuristic_bin_scores): the row a learned SEA estimate must beat
+                    part (sea.heuristic_bin_scores): the row a learned SEA estimate must beat; with
+                    SEAConfig.finalists > 1 its likeliest cells rescored exactly (sea.rescore_finalists)
 
 For analysis only (they read the exact T x T attention, which a cheap method cannot):
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 from sea import (DecodingState, GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask,
                  estimated_bin_shares, exact_attention, full_precision, grouped_matmul, grouped_topk,
-                 heuristic_bin_scores, heuristic_row_scores, row_budget, sparse_attention)
+                 heuristic_bin_scores, heuristic_block_size, heuristic_row_scores, rescore_finalists, row_budget,
+                 sparse_attention)
 
 
 def window_widths(rows, n_head, keys_per_head, t_m):
@@ -128,6 +130,9 @@ class HeuristicBinAttention(GatedSparseAttention):
         return self.keep(s_hat, q, k, rows)
 
     def keep(self, s_hat, q, k, rows):
+        if self.cfg.finalists > 1:  # the likeliest cells rescored from their keys first
+            inexact = heuristic_block_size(rows, self.cfg.t_m * self.cfg.sub_bins) > 1  # blocks of one key: exact
+            s_hat = rescore_finalists(s_hat, q, k, rows, self.cfg.k, self.cfg.finalists, inexact)
         bins = self.keep_bins(estimated_bin_shares(s_hat, rows), q, k, rows)
         return KeptBins(bins, rows), dict(kept_bins=bins)
 

@@ -244,7 +244,7 @@ def evaluate_selection(args, model):
     block_size = args.block_size or model.config.block_size
     tokens = load_tokens(args.split, args.data_dir, args.cache_dir, model.config.tokenizer)
     check_long_enough(tokens, block_size * (args.max_windows or 1), "split to analyse")
-    config = SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block, sub_bins=args.sub_bins)
+    config = swap_config(args)
     started, windows = time.time(), []
     for idx in sample_windows(tokens, block_size, args.max_windows or 1):
         windows.append(selection_recall(model, kinds, config, idx[None].to(args.device)))
@@ -254,7 +254,8 @@ def evaluate_selection(args, model):
                        seconds_per_row=statistics.fmean(w[kind]["seconds_per_row"] for w in windows),
                        per_layer=[w[kind]["per_layer"] for w in windows]) for kind in kinds}
     print(f"choices on the dense model's own attention, {len(windows)} window(s) of {block_size} tokens, k = {config.k}, "
-          f"T_M = {config.t_m}, sub-bins {config.sub_bins}, blocks of {config.block}; late rows {windows[0][kinds[0]]['rows']}"
+          f"T_M = {config.t_m}, sub-bins {config.sub_bins}, finalists {config.finalists}, blocks of {config.block}; "
+          f"late rows {windows[0][kinds[0]]['rows']}"
           f" (+{windows[0][kinds[0]]['rows_per_piece']} each)\n{'method':<18} {'recall':>7} {'output error':>13} "
           f"{'ms a row (30 layers)':>21}")
     for kind, row in rows.items():
@@ -566,6 +567,9 @@ def parse_args(argv):
                    help="--attn block-mean, block-bound: keys per block")
     p.add_argument("--sub-bins", type=positive_int, default=SEAConfig.sub_bins,
                    help="--attn sea-heuristic: key blocks per bin of the heuristic estimate (at least)")
+    p.add_argument("--finalists", type=positive_int, default=SEAConfig.finalists,
+                   help="--attn sea-heuristic: rescore the estimate's top F x budget cells of a row exactly from "
+                        "their keys before the final choice (1: none)")
     p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
                                                            "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -616,8 +620,13 @@ def attention_swap(args):
     """--attn and its knobs as config overrides for load_model (none without --attn)."""
     if not args.attn:
         return {}
-    return dict(attn=args.attn, sea=SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block,
-                                                sub_bins=args.sub_bins))
+    return dict(attn=args.attn, sea=swap_config(args))
+
+
+def swap_config(args):
+    """The SEAConfig of --attn's (and --selection-recall's) knobs."""
+    return SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block, sub_bins=args.sub_bins,
+                     finalists=args.finalists)
 
 
 def evaluate_model(p, args, model):

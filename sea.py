@@ -52,6 +52,7 @@ class SEAConfig:
     sink_bin: bool = False  # beyond the paper: every head keeps the bin holding key 0, within the budget
     block: int = 4  # the block controls: keys per fixed block
     sub_bins: int = 4  # the heuristic estimate (residual estimator, sea-heuristic): key blocks per bin, at least
+    finalists: int = 1  # sea-heuristic: the estimate's top finalists x n_i cells of a row rescored exactly (1: none)
 
     def __post_init__(self):
         if self.k < 1:
@@ -65,8 +66,9 @@ class SEAConfig:
             raise ValueError(f"SEAConfig.query_chunk={self.query_chunk} must be >= 1")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"SEAConfig.estimator={self.estimator!r}: choose one of {ESTIMATORS}")
-        if self.block < 1 or self.sub_bins < 1:
-            raise ValueError(f"SEAConfig.block={self.block} and sub_bins={self.sub_bins} must be >= 1")
+        if self.block < 1 or self.sub_bins < 1 or self.finalists < 1:
+            raise ValueError(f"SEAConfig.block={self.block}, sub_bins={self.sub_bins} and finalists={self.finalists} "
+                             f"must be >= 1")
 
 
 def full_precision(x):
@@ -473,6 +475,27 @@ def budget_thresholds(cells, budget):
     return threshold, following
 
 
+def rescore_finalists(s_hat, q, k, rows, keys_per_head, finalists, inexact):
+    """Ours, beyond the paper, between steps 4 and 5: the cells that an estimate s_hat (B, H, R, T_M) of the query
+    rows q (B, H, R, D) at positions `rows` ranks in the top finalists x n_i of their row (grouped_topk at
+    finalists times the budget) get their exact score, the log of the mean of exp(q_i . k_j) over their bin's
+    keys k (B, H_kv, T, D), read as step 7 reads keys (CellBlocks); rows whose estimate is exact already
+    (inexact (R,) bool: False) are left as they are. Step 5 then ranks exact finalists against the estimated
+    rest, so a bin the estimate overvalued gives its place to the next. About finalists x k keys read a head a
+    row, few beside the estimate's own blocks. Returns the new s_hat."""
+    edges = bin_edges(rows, s_hat.size(-1))
+    widths = edges.diff(dim=1)  # (R, T_M)
+    finalist = grouped_topk(estimated_bin_shares(s_hat, rows), rows, finalists * keys_per_head)
+    b, h, r, c = (finalist & (widths > 0) & inexact[:, None]).nonzero(as_tuple=True)
+    if len(b) == 0:
+        return s_hat
+    start, length = edges[r, c], widths[r, c]
+    exact = s_hat.new_empty(len(b))
+    for cell, logits in CellBlocks(q, k, b, h, r, start, length).logits():
+        exact[cell] = logits.logsumexp(-1).to(s_hat.dtype)
+    return s_hat.index_put((b, h, r, c), exact - length.to(s_hat.dtype).log())
+
+
 # -----------------------------------------------------------------------------
 # step 6: decompress, the kept bins (step 5's form of the kept keys) -> key ranges (step 7's)
 
@@ -573,37 +596,54 @@ def row_table(x):
     return x.as_strided((row(B - 1, H - 1, T), D), (D, 1)), row
 
 
+class CellBlocks:
+    """Step 7's way of reading kept keys, one cell at a time, from the flat cells (b, h, r, start, length) of
+    query rows q (B, H, R, D) over keys k (B, H_kv, T, D): each cell's keys as one block of W consecutive keys
+    (W: the widest cell; a block that would run past T starts earlier, the extra keys masked), a row of a
+    strided view of k whose row j holds keys j .. j + W - 1, so the copy is one contiguous block per cell.
+    `slot` (cells, W): the keys of each block; `off_cell` (cells, W): those outside its cell."""
+
+    def __init__(self, q, k, b, h, r, start, length):
+        T, D, G = k.size(2), q.size(-1), q.size(1) // k.size(1)  # head h reads key/value head h // G
+        (self.queries, q_row), (keys, k_row) = (row_table(full_precision(x)) for x in (q, k))
+        self.W = W = int(length.max())
+        first = start.clamp(max=T - W)  # (cells,) each block's first key
+        self.key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
+        self.query_row, self.block_row = q_row(b, h, r), k_row(b, h // G, first)  # (cells,)
+        self.slot = torch.arange(W, device=q.device) + first[:, None]  # (cells, W)
+        self.off_cell = (self.slot < start[:, None]) | (self.slot >= (start + length)[:, None])
+
+    def logits(self):
+        """Yields, GATHERED_FLOATS keys at a time, (a slice of the cells, their logits q_i . k_j (n, W), -inf
+        off each cell)."""
+        W, D = self.W, self.queries.size(-1)
+        per_piece = max(1, GATHERED_FLOATS // (W * D))
+        for piece in range(0, len(self.query_row), per_piece):
+            cell = slice(piece, piece + per_piece)
+            query = self.queries.index_select(0, self.query_row[cell])[:, None, :]  # (n, 1, D)
+            block = self.key_runs.index_select(0, self.block_row[cell]).view(-1, W, D)  # (n, W, D)
+            scores = torch.bmm(query, block.transpose(1, 2)).view(-1, W)
+            yield cell, scores.masked_fill(self.off_cell[cell], float("-inf"))
+
+
 def sparse_attention(q, k, v, kept):
     """Step 7: softmax attention of the chunk's query rows q (B, H, R, D) over their kept keys only
     (KeptBins or KeyRanges), k, v (B, H_kv, T, D) -> (B, H, R, D), at least float32; a head that kept no key in a
     row gets zeros there (the running-mean gate carries it).
 
-    Each cell's keys are read as one block of W consecutive keys (W: the widest cell; a block
-    that would run past T starts earlier, the extra keys masked): a row of a strided view of k
-    whose row j holds keys j .. j + W - 1, so the copy is one contiguous block per cell. The
-    values are not copied: embedding_bag sums each cell's value rows, weighted, where they lie.
-    The cells go in pieces; each gives every cell its own softmax (max m, sum l, weighted values
-    o), and the cells of one (batch, head, row) are merged at the end, the way flash attention
-    merges key blocks: out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, M the row's largest m_c.
+    The keys are read a block per cell (CellBlocks). The values are not copied: embedding_bag sums each cell's
+    value rows, weighted, where they lie. Each cell gets its own softmax (max m, sum l, weighted values o), and
+    the cells of one (batch, head, row) are merged at the end, the way flash attention merges key blocks:
+    out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c, M the row's largest m_c.
     """
     B, H, R, D = q.shape
-    T, G = k.size(2), H // k.size(1)  # k, v (B, H_kv, T, D): head h reads key/value head h // G
-    (queries, q_row), (keys, k_row), (values, v_row) = (row_table(full_precision(x)) for x in (q, k, v))
+    G = H // k.size(1)
     _, b, h, r, start, length = key_ranges(kept)  # step 6, if not done
-    W = int(length.max())
-    first = start.clamp(max=T - W)  # (cells,) each block's first key
-    key_runs = keys.as_strided((keys.size(0) - W + 1, W * D), (D, 1))  # run j: keys j .. j + W - 1, a view
-    query_row, block_row = q_row(b, h, r), k_row(b, h // G, first)  # (cells,)
-    slot = torch.arange(W, device=q.device) + first[:, None]  # (cells, W) the keys of each block
-    off_cell = (slot < start[:, None]) | (slot >= (start + length)[:, None])  # the block's keys outside its cell
-    value_rows = v_row(b[:, None], h[:, None] // G, slot)  # (cells, W)
+    cells = CellBlocks(q, k, b, h, r, start, length)
+    values, v_row = row_table(full_precision(v))
+    value_rows = v_row(b[:, None], h[:, None] // G, cells.slot)  # (cells, W)
     maxima, sums, outs = [], [], []
-    per_piece = max(1, GATHERED_FLOATS // (W * D))
-    for piece in range(0, len(b), per_piece):
-        cell = slice(piece, piece + per_piece)
-        query = queries.index_select(0, query_row[cell])[:, None, :]  # (n, 1, D)
-        block = key_runs.index_select(0, block_row[cell]).view(-1, W, D)  # (n, W, D)
-        scores = torch.bmm(query, block.transpose(1, 2)).view(-1, W).masked_fill(off_cell[cell], float("-inf"))
+    for cell, scores in cells.logits():
         m = scores.detach().amax(-1)  # every cell holds a key: finite
         weights = torch.exp(scores - m[:, None])  # 0 off the cell
         maxima.append(m)

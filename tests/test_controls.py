@@ -7,7 +7,8 @@ import torch
 from controls import BlockBoundAttention, BlockMeanAttention, HeuristicBinAttention, SinkWindowAttention, window_widths
 from model import Decoder, DecoderConfig
 from sea import (KeyPrefixSums, SEAAttention, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces,
-                 estimate_loss, exact_attention, grouped_topk, heuristic_bin_scores, row_budget)
+                 estimate_loss, estimated_bin_shares, exact_attention, grouped_topk, heuristic_bin_scores,
+                 heuristic_block_size, rescore_finalists, row_budget)
 import train
 
 
@@ -118,6 +119,45 @@ def test_the_heuristic_control_keeps_the_bins_of_most_estimated_mass():
     mass = naive_heuristic_scores(q[0], kk[0], T_M, 4).exp() * widths  # a bin's estimated (unnormalised) mass
     mass = mass / mass.sum(-1, keepdim=True)  # each head's share of it
     assert torch.equal(aux["kept_bins"], grouped_topk(mass[None], torch.arange(T), k))
+
+
+def test_the_finalists_get_their_bins_exact_scores_and_the_other_cells_keep_the_estimate():
+    torch.manual_seed(0)
+    H, T, D, T_M, k, finalists = 4, 70, 8, 8, 2, 2
+    q = torch.randn(1, H, T, D, dtype=torch.float64)
+    kk = torch.randn(1, 2, T, D, dtype=torch.float64)  # two query heads a key head
+    rows = torch.arange(T)
+    estimate = heuristic_bin_scores(q, kk, KeyPrefixSums(kk).sums(), rows, T_M, 1)
+    inexact = heuristic_block_size(rows, T_M) > 1  # blocks of one key up to row 14: the estimate exact there
+    ours = rescore_finalists(estimate, q, kk, rows, k, finalists, inexact)
+    finalist = grouped_topk(estimated_bin_shares(estimate, rows), rows, finalists * k)[0]
+    expected = estimate[0].clone()
+    for h in range(H):
+        for i in range(T):
+            for c in range(T_M):
+                keys = [j for j in range(i + 1) if naive_bin(i, j, T_M) == c]
+                if finalist[h, i, c] and keys and inexact[i]:
+                    expected[h, i, c] = (kk[0, h // 2, keys] @ q[0, h, i]).logsumexp(0) - math.log(len(keys))
+    assert (finalist.sum((0, 2)) <= row_budget(rows, H, finalists * k, T_M)).all()
+    assert (expected != estimate[0]).sum() > 100  # many cells rescored, and they moved
+    torch.testing.assert_close(ours[0], expected)
+
+
+def test_with_finalists_the_heuristic_control_ranks_them_by_their_exact_scores_in_every_path():
+    torch.manual_seed(0)
+    B, H, T, D, T_M, k = 1, 3, 60, 8, 8, 2
+    config = SEAConfig(k=k, t_m=T_M, sub_bins=1, finalists=3, query_chunk=7)
+    attention = HeuristicBinAttention(H, D, 64, config).double().open_gates().eval()
+    q, kk, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    rows = torch.arange(T)
+    with torch.no_grad():
+        out, aux = attention(q, kk, v, need_weights=True)
+        chunked = attention(q, kk, v)[0]  # chunks of 7 rows, step 7 sparse
+    estimate = heuristic_bin_scores(q, kk, KeyPrefixSums(kk).sums(), rows, T_M, 1)
+    rescored = rescore_finalists(estimate, q, kk, rows, k, 3, heuristic_block_size(rows, T_M) > 1)
+    assert torch.equal(aux["kept_bins"], grouped_topk(estimated_bin_shares(rescored, rows), rows, k))
+    assert not torch.equal(aux["kept_bins"], grouped_topk(estimated_bin_shares(estimate, rows), rows, k))
+    torch.testing.assert_close(chunked, out)
 
 
 @pytest.mark.parametrize("family", ["tiny", "tiny-llama"])
