@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sea import (DecodingState, GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask,
                  estimated_bin_shares, exact_attention, full_precision, grouped_matmul, grouped_topk,
                  heuristic_bin_scores, heuristic_block_size, heuristic_row_scores, rescore_finalists, row_budget,
-                 sparse_attention)
+                 row_cell_budget, row_layout, row_sparse_attention, sparse_attention)
 
 
 def window_widths(rows, n_head, keys_per_head, t_m):
@@ -138,22 +138,26 @@ class HeuristicBinAttention(GatedSparseAttention):
 
     def extend(self, q, k, v, row0, state):
         """Decoding: a step of one row with open gates (the training-free use) is decode_row; any other, the
-        eight steps in chunks."""
-        if q.size(2) > 1 or state is None or self.uses_kernel(q) or self.needs_gates():
+        eight steps in chunks. Whether the gates are open is read from the state (open gates keep no running sum
+        of the values), not from the gates' weights: no operator call."""
+        if q.size(2) > 1 or state is None or self.uses_kernel(q) or state.v_sum is not None:
             return super().extend(q, k, v, row0, state)
         with torch.autocast(q.device.type, enabled=False):
             return self.decode_row(q, k, v, row0, state)
 
     def decode_row(self, q, k, v, row, state):
         """The row `row` (q (B, H, 1, D); k, v (B, H_kv, row + 1, D)) in few operator calls: the keys' prefix
-        sums grown by one, the heuristic's scores with its indices worked out on the host
-        (heuristic_row_scores), the grouped top-k, the sparse softmax over the kept bins' keys. The same
-        numbers as attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
+        sums grown by one, the heuristic's scores (heuristic_row_scores) and steps 4-7 (row_sparse_attention),
+        with the row's layout and budgets worked out on the host once for every layer. The same numbers as
+        attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
         key_prefix = state.key_prefix.extend(k[:, :, row:])
+        cfg = self.cfg
         with torch.no_grad():
-            s_hat = heuristic_row_scores(q, k, key_prefix.sums(), row, self.cfg.t_m, self.cfg.sub_bins)
-        kept, _ = self.keep(s_hat, q, k, torch.tensor([row], device=q.device))
-        context = sparse_attention(q, k, v, kept)
+            s_hat = heuristic_row_scores(q, k, key_prefix.sums(), row, cfg.t_m, cfg.sub_bins)
+        layout = row_layout(row, cfg.t_m, cfg.sub_bins, q.device)
+        budget = row_cell_budget(row, self.n_head, cfg.k, cfg.t_m)
+        finalists = row_cell_budget(row, self.n_head, cfg.finalists * cfg.k, cfg.t_m) if cfg.finalists > 1 else 0
+        context = row_sparse_attention(q, k, v, s_hat, layout, budget, finalists)
         return context.to(v.dtype), DecodingState(None, None, None, key_prefix)
 
 

@@ -357,46 +357,107 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
 
 
 class RowLayout(NamedTuple):
-    """What heuristic_row_scores needs of a row's shape, which depends on its position alone: the block size;
-    the middle bins' blocks, first .. end - 1; the keys of the first and the last bin; at (T_M - 1,), where the
-    middle bins' blocks start and end among those; empty (T_M,) bool, a short row's empty bins, or None."""
+    """What a decoding step needs of a row's shape, which depends on its position alone. For
+    heuristic_row_scores: the block size; the middle bins' blocks, first .. end - 1; the keys of the first and
+    the last bin, end_keys; the bin of each of those blocks and keys, unit_bin (blocks, then end keys); the log of
+    how many a bin holds, log_units (T_M,) (0 where none); empty (T_M,) bool, a short row's empty bins, or None.
+    For row_sparse_attention: each bin's keys, widths (T_M,), the widest bin's keys, widest, and each bin's keys
+    as a row of that many, bin_keys (T_M, widest) (past a bin's own keys, others up to the row's last, or it
+    again) and which of them are its own, bin_inside (T_M, widest) bool."""
     size: int
     first: int
     end: int
-    first_width: int
-    last_width: int
-    at: torch.Tensor
+    end_keys: torch.Tensor
+    unit_bin: torch.Tensor
+    log_units: torch.Tensor
     empty: Optional[torch.Tensor]
+    widths: torch.Tensor
+    widest: int
+    bin_keys: torch.Tensor
+    bin_inside: torch.Tensor
 
 
 @functools.lru_cache(maxsize=4)
 def row_layout(row, t_m, sub_bins, device):
     """The RowLayout of row `row`: worked out once a decoded token, shared by every layer."""
     rows = torch.tensor([row])
-    widths = bin_widths(rows, t_m)[0]  # (T_M,)
+    edges = bin_edges(rows, t_m)[0]  # (T_M + 1,)
+    widths = edges.diff()  # (T_M,)
     size = int(heuristic_block_size(rows, t_m * sub_bins))
-    starts = bins_first_blocks(rows, t_m, size, (row + 1) // size)[0]  # (T_M + 1,)
+    starts = bins_first_blocks(rows, t_m, size, (row + 1) // size)[0]  # (T_M + 1,): bin c's first block
     first, end = int(starts[1]), int(starts[t_m - 1])
+    end_keys = torch.cat([torch.arange(edges[1]), torch.arange(edges[t_m - 1], row + 1)])  # the end bins' keys
+    unit_bin = torch.cat([torch.searchsorted(starts[1:t_m], torch.arange(first, end), right=True),  # 1 .. T_M - 2
+                          torch.zeros(int(edges[1]), dtype=torch.long),
+                          torch.full((row + 1 - int(edges[t_m - 1]),), t_m - 1)])
+    units = torch.zeros(t_m).index_add_(0, unit_bin, torch.ones(len(unit_bin)))
     empty = (widths == 0).to(device) if bool((widths == 0).any()) else None
-    return RowLayout(size, first, end, int(widths[0]), int(widths[-1]), (starts[1:t_m] - first).to(device), empty)
+    widest = int(widths.max())
+    slot = edges[:-1, None] + torch.arange(widest)  # (T_M, widest)
+    inside = slot < edges[1:, None]
+    return RowLayout(size, first, end, end_keys.to(device), unit_bin.to(device), units.clamp_min(1).log().to(device),
+                     empty, widths.to(device), widest, slot.clamp(max=row).to(device), inside.to(device))
+
+
+@functools.lru_cache(maxsize=4)
+def row_cell_budget(row, n_head, keys_per_head, t_m):
+    """row_budget of the one row `row`, an int: worked out once a decoded token, shared by every layer."""
+    return int(row_budget(torch.tensor([row]), n_head, keys_per_head, t_m))
 
 
 def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
     """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
     runs it: the same numbers, with the row's layout (row_layout: its bins, blocks and their indices) known on
-    the host and the block moments read for the middle bins' blocks only, so a step makes a fixed number of
-    operator calls whatever the context."""
+    the host, the block moments read for the middle bins' blocks only, and every bin's log of the mean of exp
+    over its units (the middle bins' blocks, the end bins' keys) in one scatter of the units' logits (each bin
+    shifted by its own largest), so a step makes a fixed, small number of operator calls whatever the context."""
     layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
-    logits = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
-    middle = mean_over_block_runs(logits, layout.at[None])  # (B, H, 1, T_M - 2): the middle bins' blocks only
-    exact = lambda keys: (grouped_matmul(q, keys.transpose(-2, -1)).logsumexp(-1, keepdim=True)
-                          - math.log(keys.size(2)))  # log of the mean of exp over a bin's own keys
-    n, empty_bin = row + 1, q.new_zeros(*q.shape[:3], 1)
-    first = exact(k[:, :, :layout.first_width]) if layout.first_width else empty_bin
-    last = exact(k[:, :, n - layout.last_width:n]) if layout.last_width else empty_bin
-    scores = torch.cat([first, middle, last], dim=-1)
-    return scores if layout.empty is None else scores.masked_fill(layout.empty, 0.0)
+    blocks = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
+    ends = grouped_matmul(q, k[:, :, layout.end_keys].transpose(-2, -1))  # the end bins' keys, exactly
+    logits = torch.cat([blocks, ends], dim=-1)  # (B, H, 1, units)
+    unit_bin = layout.unit_bin.expand_as(logits)
+    shift = logits.new_full((*logits.shape[:3], t_m), float("-inf")).scatter_reduce_(-1, unit_bin, logits, "amax")
+    mass = logits.new_zeros(shift.shape).scatter_add_(-1, unit_bin, (logits - shift.gather(-1, unit_bin)).exp_())
+    scores = (mass.log_() + shift - layout.log_units).clamp_min_(torch.finfo(logits.dtype).min)  # (B, H, 1, T_M)
+    return scores if layout.empty is None else scores.masked_fill_(layout.empty, 0.0)
+
+
+def row_sparse_attention(q, k, v, s_hat, layout, budget, finalists=0):
+    """Steps 4 to 7 of one decoded row of ours, in a fixed, small number of operator calls: q (B, H, 1, D); k, v
+    (B, H_kv, row + 1, D); s_hat (B, H, 1, T_M) the heuristic's scores (heuristic_row_scores); the row's RowLayout
+    and its budget (row_cell_budget). Each bin's estimated share of its head's attention, in logs (step 4); the
+    `budget` best cells of all heads by one top-k (step 5; with `finalists` cells, the best so many first,
+    rescored exactly as rescore_finalists does); each kept bin's keys gathered at once (row_cell_logits, step 6)
+    and each head's softmax over its own cells' keys (step 7) -> (B, H, 1, D). The numbers of attend_chunk's
+    steps 4-7 (tested), but for ties: where cells have equal shares, the top-k's own order decides."""
+    B, H, _, T_M = s_hat.shape
+    q, k, v, scores = full_precision(q), full_precision(k), full_precision(v), full_precision(s_hat)
+    log_widths = layout.widths.to(scores.dtype).log()  # -inf for empty bins, as estimated_bin_shares takes it
+    log_shares = lambda scores: (scores + log_widths).log_softmax(-1).view(B, H * T_M)
+    if finalists and layout.size > 1:  # blocks of one key: the estimate is exact already
+        cells = log_shares(scores).topk(finalists).indices  # (B, n)
+        logits, _ = row_cell_logits(q, k, cells, layout)
+        width = layout.widths[cells % T_M]  # (B, n)
+        exact = torch.where(width > 0, logits.logsumexp((1, 3)) - width.log(), 0.0)  # an empty bin stays empty
+        scores = scores.view(B, H * T_M).scatter(1, cells, exact).view(B, H, 1, T_M)
+    logits, index = row_cell_logits(q, k, log_shares(scores).topk(budget).indices, layout)  # (B, H, n, W)
+    probs = logits.view(B, H, 1, -1).softmax(-1).nan_to_num_(0.0)  # a head that kept no key: zeros
+    return grouped_matmul(probs, v.gather(2, index))
+
+
+def row_cell_logits(q, k, cells, layout):
+    """The logits of one query row q (B, H, 1, D) over the keys of the cells (B, n) of its row, cell h T_M + c
+    being bin c of head h: every key/value head's keys at the cells' bins are gathered at once (B, H_kv, n W, D),
+    every query head scores those of its own key/value head, and all but a cell's own head on its own bin's keys
+    are -inf: (B, H, n, W), W the row's widest bin; and the gather's index (B, H_kv, n W, D), for the values."""
+    B, H, _, D = q.shape
+    T_M, (n, W) = layout.widths.size(0), (cells.size(1), layout.widest)
+    head, c = cells // T_M, cells % T_M
+    index = layout.bin_keys[c].view(B, 1, n * W, 1).expand(B, k.size(1), n * W, D)
+    logits = grouped_matmul(q, k.gather(2, index).transpose(-2, -1)).view(B, H, n, W)
+    mine = (head[:, None, :, None] == torch.arange(H, device=q.device)[:, None, None]) & layout.bin_inside[c][:, None]
+    return logits.masked_fill_(~mine, float("-inf")), index
 
 
 def log_mean_exp(logits, kept):

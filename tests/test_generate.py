@@ -150,20 +150,20 @@ def test_a_cache_of_known_capacity_is_allocated_once():
     assert cache.keys.buffer.size(2) == 22 and torch.equal(keys, k)
 
 
-def open_heuristic(n_head=4, kv_heads=2, head_dim=16, T=90, finalists=1):
+def open_heuristic(n_head=4, kv_heads=2, head_dim=16, T=90, finalists=1, batch=1):
     """sea-heuristic with open gates (the training-free use), T_M 8 and 2 key blocks a bin: blocks of one key up
     to row 31, of 2 from row 31, of 5 by row 89; two query heads per key/value head."""
     torch.manual_seed(0)
     config = SEAConfig(k=2, t_m=8, sub_bins=2, finalists=finalists)
     attention = HeuristicBinAttention(n_head, head_dim, T, config).double().eval()
-    q = torch.randn(1, n_head, T, head_dim, dtype=torch.float64)
-    k, v = (torch.randn(1, kv_heads, T, head_dim, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(batch, n_head, T, head_dim, dtype=torch.float64)
+    k, v = (torch.randn(batch, kv_heads, T, head_dim, dtype=torch.float64) for _ in range(2))
     return attention.open_gates(), q, k, v
 
 
-@pytest.mark.parametrize("finalists", [1, 2])
-def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, finalists):
-    attention, q, k, v = open_heuristic(finalists=finalists)
+@pytest.mark.parametrize("finalists, batch", [(1, 1), (2, 1), (2, 3)])
+def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, finalists, batch):
+    attention, q, k, v = open_heuristic(finalists=finalists, batch=batch)
     steps = []
     original = HeuristicBinAttention.decode_row
     monkeypatch.setattr(HeuristicBinAttention, "decode_row", lambda *args: steps.append(1) or original(*args))
