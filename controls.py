@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sea import (DecodingState, GatedSparseAttention, KeptBins, KeptKeys, KeyRanges, bin_mass, causal_mask,
                  estimated_bin_shares, exact_attention, full_precision, grouped_matmul, grouped_topk,
                  heuristic_bin_scores, heuristic_block_size, heuristic_row_scores, rescore_finalists, row_budget,
-                 row_cell_budget, row_layout, row_sparse_attention, sparse_attention)
+                 row_cell_budget, row_layout, row_sparse_attention)
 
 
 def window_widths(rows, n_head, keys_per_head, t_m):
