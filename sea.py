@@ -521,14 +521,14 @@ def grouped_topk(p_hat, rows, keys_per_head):
 def budget_thresholds(cells, budget):
     """The n_i-th largest of each row's cells (B, R, N), n_i = budget (R,), and the n_i + 1-th (the n_i-th again
     where there is none): (B, R, 1) each. A top-k costs about its k, and budgets fall as 1 / (i + 1), so the rows
-    go in groups by the power of two above n_i + 1, each group's top-k no larger than twice its rows need."""
+    go in groups by the power of two above n_i + 1, each group's top-k one past its largest n_i."""
     B, R, N = cells.shape
     threshold, following = cells.new_empty(B, R, 1), cells.new_empty(B, R, 1)
     group_of = torch.log2((budget + 1).clamp(max=N).double()).ceil().long()  # (R,)
     groups = group_of.unique().tolist()
     for group in groups:
         members = (group_of == group).nonzero().flatten() if len(groups) > 1 else slice(None)  # r rows
-        n_max = min(2 ** group, N)  # one past each member's budget: ties past it show
+        n_max = min(int(budget[members].max()) + 1, N)  # one past each member's budget: ties past it show
         largest = cells[:, members].topk(n_max, dim=-1).values  # (B, r, n_max)
         place = (budget[members] - 1).expand(B, -1)[..., None]  # (B, r, 1)
         threshold[:, members] = largest.gather(-1, place)
@@ -544,12 +544,15 @@ def rescore_finalists(s_hat, q, k, rows, keys_per_head, finalists, inexact):
     (inexact (R,) bool: False) are left as they are. Step 5 then ranks exact finalists against the estimated
     rest, so a bin the estimate overvalued gives its place to the next. About finalists x k keys read a head a
     row, few beside the estimate's own blocks. Returns the new s_hat."""
+    chosen = inexact.nonzero().flatten()  # (R',) the rows to rescore
+    if len(chosen) == 0:
+        return s_hat
     edges = bin_edges(rows, s_hat.size(-1))
     widths = edges.diff(dim=1)  # (R, T_M)
-    finalist = grouped_topk(estimated_bin_shares(s_hat, rows), rows, finalists * keys_per_head)
-    b, h, r, c = (finalist & (widths > 0) & inexact[:, None]).nonzero(as_tuple=True)
-    if len(b) == 0:
-        return s_hat
+    shares = estimated_bin_shares(s_hat[:, :, chosen], rows[chosen])  # (B, H, R', T_M)
+    b, h, r, c = (grouped_topk(shares, rows[chosen], finalists * keys_per_head) & (widths[chosen] > 0)).nonzero(
+        as_tuple=True)
+    r = chosen[r]  # the chosen rows' places among all R
     start, length = edges[r, c], widths[r, c]
     exact = s_hat.new_empty(len(b))
     for cell, logits in CellBlocks(q, k, b, h, r, start, length).logits():
