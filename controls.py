@@ -45,7 +45,7 @@ class WindowAttention(GatedSparseAttention):
     """Each head keeps its most recent keys, as many as SEA's budget gives a head of that row on
     average. If SEA does no better than this, its estimate adds nothing."""
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
         return KeptKeys.of_runs(q.size(0), self.n_head, self.runs(rows, width)), {}
 
@@ -72,7 +72,7 @@ class BlockMeanAttention(GatedSparseAttention):
     row i keeps block 0 (the sink) and its own block (the one holding key i), and fills the budget
     with the other blocks whose score is highest. Every key j <= i of a kept block is attended."""
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         size = self.cfg.block
         width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,) keys per (head, row)
         own = rows // size  # (R,) the block holding key i
@@ -121,12 +121,12 @@ class HeuristicBinAttention(GatedSparseAttention):
     their mass (sea.heuristic_bin_scores: the logits' mean and spread over fixed blocks of keys in the middle
     bins, the exact logits of the first and last). What SEA's residual estimator is before any training."""
 
-    def uses_key_prefix(self):
+    def uses_key_blocks(self):
         return True
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         with torch.no_grad():  # a choice: no gradient passes it
-            s_hat = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+            s_hat = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins)
         return self.keep(s_hat, q, k, rows)
 
     def keep(self, s_hat, q, k, rows):
@@ -146,19 +146,18 @@ class HeuristicBinAttention(GatedSparseAttention):
             return self.decode_row(q, k, v, row0, state)
 
     def decode_row(self, q, k, v, row, state):
-        """The row `row` (q (B, H, 1, D); k, v (B, H_kv, row + 1, D)) in few operator calls: the keys' prefix
-        sums grown by one, the heuristic's scores (heuristic_row_scores) and steps 4-7 (row_sparse_attention),
+        """The row `row` (q (B, H, 1, D); k, v (B, H_kv, row + 1, D)) in few operator calls: the heuristic's
+        scores (heuristic_row_scores, the block moments grown when a block completes) and steps 4-7 (row_sparse_attention),
         with the row's layout and budgets worked out on the host once for every layer. The same numbers as
         attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
-        key_prefix = state.key_prefix.extend(k[:, :, row:])
         cfg = self.cfg
         with torch.no_grad():
-            s_hat = heuristic_row_scores(q, k, key_prefix.sums(), row, cfg.t_m, cfg.sub_bins)
+            s_hat = heuristic_row_scores(q, k, state.key_blocks, row, cfg.t_m, cfg.sub_bins)
         layout = row_layout(row, cfg.t_m, cfg.sub_bins, q.device)
         budget = row_cell_budget(row, self.n_head, cfg.k, cfg.t_m)
         finalists = row_cell_budget(row, self.n_head, cfg.finalists * cfg.k, cfg.t_m) if cfg.finalists > 1 else 0
         context = row_sparse_attention(q, k, v, s_hat, layout, budget, finalists)
-        return context.to(v.dtype), DecodingState(None, None, None, key_prefix)
+        return context.to(v.dtype), state
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +168,7 @@ class PerfectEstimateAttention(GatedSparseAttention):
     attention's mass per bin, computed here from q and k (T x T work). With a pretrained model's own
     q, k, v it is the best any estimate can do with SEA's layout."""
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         bins = perfect_estimate_bins(exact_attention(q, k, rows), rows, self.cfg.k, self.cfg.t_m)
         return KeptBins(bins, rows), dict(kept_bins=bins)
 
@@ -178,7 +177,7 @@ class OracleAttention(GatedSparseAttention):
     """As many keys per (head, row) as the window keeps, but each head's own top keys by the exact
     attention (T x T work): the best choice of that many keys."""
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         width = window_widths(rows, self.n_head, self.cfg.k, self.cfg.t_m)  # (R,)
         rank = exact_attention(q, k, rows).argsort(-1, descending=True).argsort(-1)  # (B, H, R, T), 0: top key
         return KeptKeys.of_mask((rank < width[:, None]) & causal_mask(rows, k.size(2))), {}

@@ -30,7 +30,7 @@ from cli import (ArgumentParser, autocast_context, available_device, exit_on_bad
 from data import SPLITS, check_long_enough, get_tokenizer, load_tokens
 from controls import ANALYSIS, CONTROLS, perfect_estimate_bins
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, load_model, run_with_attention_hooks
-from sea import KeyPrefixSums, SEAConfig, estimated_attention_map, exact_attention, grouped_matmul, kept_key_mask
+from sea import KeyBlocks, SEAConfig, estimated_attention_map, exact_attention, grouped_matmul, kept_key_mask
 
 MASKED_KINDS = tuple(kind for kind in ATTENTION_KINDS + ANALYSIS_KINDS
                      if kind not in ("dense", "performer", "reformer"))  # kept keys to compare with the teacher's
@@ -216,8 +216,8 @@ def selection_recall(model, kinds, sea_config, idx, pieces=4, rows_per_piece=128
             out_norm += exact.square().sum(-1).mean().item()
             for kind, chooser in choosers.items():
                 started = time.perf_counter()
-                prefix = KeyPrefixSums(keys) if chooser.uses_key_prefix() else None
-                mask = chooser.choose_keys(q_rows, keys, None, rows, prefix)[0].mask(keys.size(2))
+                blocks = KeyBlocks() if chooser.uses_key_blocks() else None
+                mask = chooser.choose_keys(q_rows, keys, None, rows, blocks)[0].mask(keys.size(2))
                 seconds = time.perf_counter() - started
                 kept = probs * mask
                 recall = kept.sum(-1, keepdim=True)

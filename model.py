@@ -168,8 +168,8 @@ class DenseAttention(nn.Module):
 class LayerCache:
     """One layer's decoding cache: the keys and values of every position so far, one per key/value
     head, in buffers of `capacity` positions (the prompt plus the tokens to come, when known), that
-    double when full (GrowingRows), and the attention mechanism's own state (SEA's prefix sums and
-    CNN rows, the Performer's sums; see each mechanism's `extend`)."""
+    double when full (GrowingRows), and the attention mechanism's own state (SEA's prefix sums, block
+    moments and CNN rows, the Performer's sums; see each mechanism's `extend`)."""
 
     def __init__(self, capacity=0):
         self.keys, self.values = GrowingRows(capacity), GrowingRows(capacity)

@@ -223,38 +223,32 @@ class CompressedScoreDecoder(nn.Module):
         return self.norm_out(x)
 
 
-class KeyPrefixSums:
-    """prefix[j] = [k_0 + ... + k_{j-1}, k_0^2 + ... + k_{j-1}^2], (B, H_kv, T + 1, 2D) in float64: the keys' sums
-    and their squares' (per channel), from which block_moments reads any block's mean key and variance.
-    float64, because a block's variance is a small difference of large sums: a channel whose keys sit near 20
-    sums their squares to 3e6 over 8k keys, where float32 keeps 0.25, while the 8 keys of a block vary by about
-    1 (float32 sums made the choice of keys depend on how the rows were cut into chunks). Each chunk of rows and
-    each decoding step appends the sums of its keys (GrowingRows), so a pass over T rows costs O(T D) however it
-    is cut."""
+class KeyBlocks:
+    """The keys as the heuristic estimate reads them: the mean key and the per-channel variance of each block
+    [j size, (j + 1) size) of consecutive keys, of one block size at a time, (B, H_kv, n, D) each. Kept as the
+    blocks complete: a chunk of rows or a decoding step computes only the blocks completed since the one
+    before (GrowingRows), and a new block size (every T_M sub_bins rows, heuristic_block_size) starts over, so
+    a pass over T rows costs O(T D) a block size. Taken from the keys in float64, kept in their precision (at
+    least float32): a block's variance is a small difference where its keys sit far from 0 (a channel near 20
+    whose 8 keys vary by about 1). Between decoding steps it is 2 D numbers a block, a few per key."""
 
-    def __init__(self, k):  # the first rows' keys (B, H_kv, R, D); gradients flow through these sums
-        self.prefix = GrowingRows()
-        self.prefix.append(F.pad(key_moments(k).cumsum(2), (0, 0, 1, 0)))  # (B, H_kv, R + 1, 2D)
+    def __init__(self):
+        self.size = self.count = 0  # the block size and the blocks kept
+        self.mean, self.variance = GrowingRows(), GrowingRows()
 
-    def extend(self, k):  # the next rows' keys (B, H_kv, R, D), at inference
-        self.prefix.append(self.sums()[:, :, -1:] + key_moments(k).cumsum(2))
-        return self
-
-    def sums(self):  # (B, H_kv, T + 1, 2D)
-        return self.prefix.rows()
-
-
-def key_moments(k):
-    """k (B, H_kv, R, D) -> [k, k^2] (B, H_kv, R, 2D), in float64."""
-    k = k.double()
-    return torch.cat([k, k * k], dim=-1)
-
-
-def block_moments(prefix, size, count, dtype):
-    """The mean key and the keys' per-channel variance of the blocks [j size, (j + 1) size), j < count, from the
-    KeyPrefixSums' prefix (B, H_kv, T + 1, 2D): (B, H_kv, count, D) each, taken in float64, returned in dtype."""
-    mean, square = (prefix[:, :, :count * size + 1:size].diff(dim=2) / size).chunk(2, dim=-1)
-    return mean.to(dtype), (square - mean * mean).clamp_min(0).to(dtype)
+    def moments(self, k, size, count):
+        """(mean, variance) of the first `count` blocks of `size` keys of k (B, H_kv, T, D), T >= count size."""
+        if size != self.size:  # a new block size: no block of the old one is of use
+            self.__init__()
+            self.size = size
+        if count > self.count or self.mean.buffer is None:  # (none at all yet: an empty start)
+            blocks = k[:, :, self.count * size:count * size].double().unflatten(2, (-1, size))  # (B, H_kv, n, size, D)
+            dtype = torch.promote_types(k.dtype, torch.float32)
+            mean = blocks.mean(3, keepdim=True)  # (B, H_kv, n, 1, D)
+            self.mean.append(mean.squeeze(3).to(dtype))
+            self.variance.append((blocks - mean).square().mean(3).to(dtype))
+            self.count = count
+        return self.mean.rows()[:, :, :count], self.variance.rows()[:, :, :count]
 
 
 def spread_bonus(variance, n):
@@ -286,11 +280,11 @@ def bins_first_blocks(rows, t_m, size, count):
     return (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)
 
 
-def block_logits(q, prefix, size, count):
-    """(B, H, R, count): for the query rows q (B, H, R, D), each block [j size, (j + 1) size)'s log of the mean of
-    exp(q . k) over its keys, estimated from the keys' mean and per-channel variance (block_moments, from the
-    KeyPrefixSums' prefix) as mean logit + spread_bonus. Two matmuls."""
-    mean, variance = block_moments(prefix, size, count, q.dtype)  # (B, H_kv, count, D) each
+def block_logits(q, mean, variance, size):
+    """(B, H, R, n): for the query rows q (B, H, R, D), each of n blocks of `size` keys its log of the mean of
+    exp(q . k) over its keys, estimated from the keys' mean and per-channel variance (B, H_kv, n, D) each
+    (KeyBlocks) as mean logit + spread_bonus. Two matmuls."""
+    mean, variance = mean.to(q.dtype), variance.to(q.dtype)
     logits = grouped_matmul(q, mean.transpose(-2, -1))  # (B, H, R, count): each block's mean logit
     if size > 1:
         logits = logits + spread_bonus(grouped_matmul(q * q, variance.transpose(-2, -1)), size)
@@ -317,23 +311,23 @@ def mean_over_block_runs(logits, starts):
     return log_mean.clamp_min(torch.finfo(logits.dtype).min)
 
 
-def block_bin_scores(q, prefix, rows, t_m, size):
+def block_bin_scores(q, k, blocks, rows, t_m, size):
     """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
     whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
     of the blocks whose middle falls in it (block_logits, mean_over_block_runs). Two matmuls and a few gathers:
     O(T / size) work a row. The first and the last bin here are not used."""
     count = (int(rows[-1]) + 1) // size  # the blocks complete in the last row
-    logits = block_logits(q, prefix, size, count)  # (B, H, R, n)
+    logits = block_logits(q, *blocks.moments(k, size, count), size)  # (B, H, R, n)
     return mean_over_block_runs(logits, bins_first_blocks(rows, t_m, size, count))
 
 
-def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
+def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins):
     """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
     positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
     The middle bins estimate it from fixed blocks of keys (block_bin_scores), at least `sub_bins` a bin
-    (heuristic_block_size), every block's logits from their mean and variance (block_moments, from the
-    prefix sums) as mean + spread_bonus. Without the spread (the mean logit alone, a lower bound by
+    (heuristic_block_size), every block's logits from their mean and variance (the KeyBlocks `blocks`,
+    grown as they complete) as mean + spread_bonus. Without the spread (the mean logit alone, a lower bound by
     Jensen) a block of 8 keys that holds one strong key is undervalued many times over. The first bin
     (the attention sink) and the last (the query's own neighbourhood), where pretrained heads put much
     mass on single keys, are computed exactly from their few keys. 0 for empty bins.
@@ -342,7 +336,7 @@ def heuristic_bin_scores(q, k, prefix, rows, t_m, sub_bins):
     q, k = full_precision(q), full_precision(k)
     sizes, counts = torch.unique_consecutive(heuristic_block_size(rows, t_m * sub_bins), return_counts=True)
     parts = torch.arange(R, device=q.device).split(counts.tolist())  # the runs of rows with one block size
-    middle = torch.cat([block_bin_scores(q[:, :, part], prefix, rows[part], t_m, int(size))
+    middle = torch.cat([block_bin_scores(q[:, :, part], k, blocks, rows[part], t_m, int(size))
                         for part, size in zip(parts, sizes)], dim=2)
     widths = bin_widths(rows, t_m)  # (R, T_M)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
@@ -405,17 +399,18 @@ def row_cell_budget(row, n_head, keys_per_head, t_m):
     return int(row_budget(torch.tensor([row]), n_head, keys_per_head, t_m))
 
 
-def heuristic_row_scores(q, k, prefix, row, t_m, sub_bins):
+def heuristic_row_scores(q, k, blocks, row, t_m, sub_bins):
     """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
     runs it: the same numbers, with the row's layout (row_layout: its bins, blocks and their indices) known on
-    the host, the block moments read for the middle bins' blocks only, and every bin's log of the mean of exp
+    the host, the block moments (KeyBlocks) read for the middle bins' blocks only, and every bin's log of the mean of exp
     over its units (the middle bins' blocks, the end bins' keys) in one scatter of the units' logits (each bin
     shifted by its own largest), so a step makes a fixed, small number of operator calls whatever the context."""
     layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
-    blocks = block_logits(q, prefix[:, :, layout.first * layout.size:], layout.size, layout.end - layout.first)
+    mean, variance = (m[:, :, layout.first:] for m in blocks.moments(k, layout.size, layout.end))
+    middle = block_logits(q, mean, variance, layout.size)
     ends = grouped_matmul(q, k[:, :, layout.end_keys].transpose(-2, -1))  # the end bins' keys, exactly
-    logits = torch.cat([blocks, ends], dim=-1)  # (B, H, 1, units)
+    logits = torch.cat([middle, ends], dim=-1)  # (B, H, 1, units)
     unit_bin = layout.unit_bin.expand_as(logits)
     shift = logits.new_full((*logits.shape[:3], t_m), float("-inf")).scatter_reduce_(-1, unit_bin, logits, "amax")
     mass = logits.new_zeros(shift.shape).scatter_add_(-1, unit_bin, (logits - shift.gather(-1, unit_bin)).exp_())
@@ -757,7 +752,7 @@ def mix(context, g0, g1, v_sum, rows):
 class GrowingRows:
     """(B, H, n, D) rows appended along dim 2 to a buffer that doubles when full, so n rows cost
     O(n) however many appends bring them: a decoding cache's keys and values (model.LayerCache),
-    the keys' prefix sums of the heuristic estimate (KeyPrefixSums)."""
+    the heuristic estimate's block moments (KeyBlocks)."""
 
     def __init__(self, capacity=0):  # capacity: the rows expected in all, allocated at once when known
         self.buffer, self.length, self.capacity = None, 0, capacity
@@ -781,11 +776,11 @@ class DecodingState(NamedTuple):
     """What a SEA or window layer keeps between decoding steps besides the keys and values
     (decoding): the linear estimate's prefix sums, the last rows of e that the causal
     CNN reaches (HALO), the running sum of the values and, for the heuristic estimate, the keys'
-    prefix sums. The first three are None where the gates are open and steps 1-2 and 8 do not run."""
+    block moments. The first three are None where the gates are open and steps 1-2 and 8 do not run."""
     sums: Optional[tuple]  # (S (B, H, m, 2D), z (B, H, m))
     e_tail: Optional[torch.Tensor]  # (B, H, <= HALO, 2D)
     v_sum: Optional[torch.Tensor]  # (B, H_kv, 1, D)
-    key_prefix: Optional[KeyPrefixSums]
+    key_blocks: Optional[KeyBlocks]
 
 
 GATE_OPEN = 40.0  # sigmoid(40) rounds to 1 in float64: 1 - 4e-18
@@ -885,11 +880,11 @@ class GatedSparseAttention(nn.Module):
             new_v = full_precision(v[:, :, row0:])
             e, sums = self.encode(q, new_k, new_v, row0, None if state is None else state.sums)
             e_rows = e if state is None else torch.cat([state.e_tail, e], dim=2)  # and the CNN's halo rows above
-        key_prefix = None
-        if self.uses_key_prefix():
-            key_prefix = KeyPrefixSums(new_k) if state is None else state.key_prefix.extend(new_k)
+        key_blocks = None
+        if self.uses_key_blocks():
+            key_blocks = KeyBlocks() if state is None else state.key_blocks
         # steps 3-5: the keys each (head, row) keeps
-        kept, aux = self.choose_keys(q, k, e_rows, rows, key_prefix)
+        kept, aux = self.choose_keys(q, k, e_rows, rows, key_blocks)
         # step 7: the exact softmax over the kept keys
         if materialize or T <= self.FEW_KEYS:
             mask = kept.mask(T)
@@ -903,12 +898,12 @@ class GatedSparseAttention(nn.Module):
             context = sparse_attention(q, k, v, key_ranges(kept))  # step 6, then 7
         aux["kept_per_head"] = kept.per_head()
         if not gated:  # open gates: steps 7-8 give the context itself, exactly
-            return context.to(v.dtype), aux, DecodingState(None, None, None, key_prefix)
+            return context.to(v.dtype), aux, DecodingState(None, None, None, key_blocks)
         # steps 7-8: the gate g0 on that context, the mix g1 with the running mean of the values
         g0, g1 = torch.sigmoid(full_precision(self.gates(e))).split(1, dim=-1)  # (B, H, R, 1) each
         v_sum = new_v.cumsum(dim=2) + (0 if state is None else state.v_sum)  # sum of v_j, j <= i, (B, H_kv, R, D)
         out = mix(context, g0, g1, v_sum, rows)
-        state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_prefix)
+        state = DecodingState(sums, e_rows[:, :, -CompressedScoreDecoder.HALO:], v_sum[:, :, -1:], key_blocks)
         return out.to(v.dtype), aux, state
 
     def needs_gates(self):
@@ -926,15 +921,15 @@ class GatedSparseAttention(nn.Module):
         c, sums = causal_linear_attention(self.features(q), self.features(k), torch.cat([positions, v], -1), sums)
         return self.encoder(torch.cat([c, v], dim=-1)), sums  # f = [c, v] (B, H, R, 3D) -> e
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
+    def choose_keys(self, q, k, e, rows, key_blocks):
         """The keys each head of the query rows q (B, H, R, D) at positions `rows` keeps: (KeptBins or KeyRanges,
         aux of (B, H, R, ...) tensors). k holds every key up to the last row; e the encoded rows,
-        these rows' the last R, before them up to HALO rows above; key_prefix the keys'
-        KeyPrefixSums where uses_key_prefix, else None."""
+        these rows' the last R, before them up to HALO rows above; key_blocks the keys'
+        KeyBlocks where uses_key_blocks, else None."""
         raise NotImplementedError
 
-    def uses_key_prefix(self):
-        """Whether choose_keys reads the keys' prefix sums (the heuristic estimate's block moments)."""
+    def uses_key_blocks(self):
+        """Whether choose_keys reads the keys' block moments (KeyBlocks: the heuristic estimate's)."""
         return False
 
     def keep_bins(self, p_hat, q, k, rows):
@@ -967,7 +962,7 @@ class SEAAttention(GatedSparseAttention):
     def residual(self):
         return self.cfg.estimator == "residual"
 
-    def uses_key_prefix(self):
+    def uses_key_blocks(self):
         return self.residual
 
     def needs_gates(self):
@@ -976,26 +971,26 @@ class SEAAttention(GatedSparseAttention):
     def estimate(self, q, k, v):
         """Steps 1-3 for all rows at once: the compressed scores s_hat (B, H, T, T_M)."""
         with torch.autocast(q.device.type, enabled=False):
-            key_prefix = KeyPrefixSums(k) if self.residual else None
+            key_blocks = KeyBlocks() if self.residual else None
             rows = torch.arange(k.size(2), device=q.device)
-            return self.compressed_scores(q, k, self.encode(q, k, v, 0)[0], rows, key_prefix)
+            return self.compressed_scores(q, k, self.encode(q, k, v, 0)[0], rows, key_blocks)
 
-    def compressed_scores(self, q, k, e, rows, key_prefix):
+    def compressed_scores(self, q, k, e, rows, key_blocks):
         """Step 3 for the query rows q (B, H, R, D) at positions `rows`: the decoder's s_hat
         (B, H, R, T_M) from e (these rows' and up to HALO rows above); the residual estimator adds
-        it to the heuristic estimate of the keys k (heuristic_bin_scores, from the KeyPrefixSums)."""
+        it to the heuristic estimate of the keys k (heuristic_bin_scores, from the KeyBlocks)."""
         s_hat = self.decoder(e)[:, :, -q.size(2):]
         if self.residual:  # the heuristic is the keys' own: no gradient reaches q and k through it
             with torch.no_grad():
-                heuristic = heuristic_bin_scores(q, k, key_prefix.sums(), rows, self.cfg.t_m, self.cfg.sub_bins)
+                heuristic = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins)
             s_hat = s_hat + heuristic
         return s_hat
 
     def chunk_rows(self, q):
         return self.KERNEL_CHUNK if self.uses_kernel(q) else super().chunk_rows(q)  # the kernels: few, big steps
 
-    def choose_keys(self, q, k, e, rows, key_prefix):
-        s_hat = self.compressed_scores(q, k, e, rows, key_prefix)  # step 3
+    def choose_keys(self, q, k, e, rows, key_blocks):
+        s_hat = self.compressed_scores(q, k, e, rows, key_blocks)  # step 3
         p_hat = bin_probabilities(s_hat.detach(), rows, by_mass=self.residual)  # step 4 (no gradient: the estimate
         bins = self.keep_bins(p_hat, q, k, rows)  # 5 # learns from its loss only)
         return KeptBins(bins, rows), dict(kept_bins=bins, scores=s_hat)

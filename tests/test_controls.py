@@ -6,7 +6,7 @@ import torch
 
 from controls import BlockBoundAttention, BlockMeanAttention, HeuristicBinAttention, SinkWindowAttention, window_widths
 from model import Decoder, DecoderConfig
-from sea import (KeyPrefixSums, SEAAttention, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces,
+from sea import (KeyBlocks, SEAAttention, SEAConfig, attention_bin_targets, bin_targets, causal_attention_pieces,
                  estimate_loss, estimated_bin_shares, exact_attention, grouped_topk, heuristic_bin_scores,
                  heuristic_block_size, rescore_finalists, row_budget)
 import train
@@ -101,7 +101,7 @@ def test_the_heuristic_estimate_is_exact_at_the_ends_and_pools_blocks_between(su
     q = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     rows = torch.arange(T)
-    ours = heuristic_bin_scores(q, k, KeyPrefixSums(k).sums(), rows, T_M, sub_bins)
+    ours = heuristic_bin_scores(q, k, KeyBlocks(), rows, T_M, sub_bins)
     torch.testing.assert_close(ours[0], naive_heuristic_scores(q[0], k[0], T_M, sub_bins))
     ours.sum().backward()  # distillation trains q and k through it: finite, even for the empty bins of short rows
     assert q.grad.isfinite().all() and k.grad.isfinite().all()
@@ -127,7 +127,7 @@ def test_the_finalists_get_their_bins_exact_scores_and_the_other_cells_keep_the_
     q = torch.randn(1, H, T, D, dtype=torch.float64)
     kk = torch.randn(1, 2, T, D, dtype=torch.float64)  # two query heads a key head
     rows = torch.arange(T)
-    estimate = heuristic_bin_scores(q, kk, KeyPrefixSums(kk).sums(), rows, T_M, 1)
+    estimate = heuristic_bin_scores(q, kk, KeyBlocks(), rows, T_M, 1)
     inexact = heuristic_block_size(rows, T_M) > 1  # blocks of one key up to row 14: the estimate exact there
     ours = rescore_finalists(estimate, q, kk, rows, k, finalists, inexact)
     finalist = grouped_topk(estimated_bin_shares(estimate, rows), rows, finalists * k)[0]
@@ -153,7 +153,7 @@ def test_with_finalists_the_heuristic_control_ranks_them_by_their_exact_scores_i
     with torch.no_grad():
         out, aux = attention(q, kk, v, need_weights=True)
         chunked = attention(q, kk, v)[0]  # chunks of 7 rows, step 7 sparse
-    estimate = heuristic_bin_scores(q, kk, KeyPrefixSums(kk).sums(), rows, T_M, 1)
+    estimate = heuristic_bin_scores(q, kk, KeyBlocks(), rows, T_M, 1)
     rescored = rescore_finalists(estimate, q, kk, rows, k, 3, heuristic_block_size(rows, T_M) > 1)
     assert torch.equal(aux["kept_bins"], grouped_topk(estimated_bin_shares(rescored, rows), rows, k))
     assert not torch.equal(aux["kept_bins"], grouped_topk(estimated_bin_shares(estimate, rows), rows, k))

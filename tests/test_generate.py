@@ -7,7 +7,7 @@ import torch
 from model import ANALYSIS_KINDS, ATTENTION_KINDS, Decoder, LayerCache, DecoderConfig, build_attention
 from reformer import ReformerConfig
 from controls import HeuristicBinAttention
-from sea import GatedSparseAttention, KeyPrefixSums, SEAAttention, SEAConfig, heuristic_bin_scores, heuristic_row_scores
+from sea import GatedSparseAttention, KeyBlocks, SEAAttention, SEAConfig, heuristic_bin_scores, heuristic_row_scores
 
 KINDS = ATTENTION_KINDS
 FAMILIES = {"tiny": {}, "tiny-llama": dict(n_kv_head=1)}  # OPT, and Llama with two query heads per key/value head
@@ -180,9 +180,9 @@ def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, 
 
 def test_the_heuristics_one_row_scores_equal_its_scores_of_every_row():
     _, q, k, _ = open_heuristic()
-    prefix = KeyPrefixSums(k).sums()
     rows = torch.arange(q.size(2))
-    every_row = heuristic_bin_scores(q, k, prefix, rows, 8, 2)
+    every_row = heuristic_bin_scores(q, k, KeyBlocks(), rows, 8, 2)
+    blocks = KeyBlocks()  # grown a row at a time, as decoding grows it
     for row in range(q.size(2)):
-        one = heuristic_row_scores(q[:, :, row:row + 1], k[:, :, :row + 1], prefix[:, :, :row + 2], row, 8, 2)
+        one = heuristic_row_scores(q[:, :, row:row + 1], k[:, :, :row + 1], blocks, row, 8, 2)
         torch.testing.assert_close(one, every_row[:, :, row:row + 1], msg=f"row {row}")
