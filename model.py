@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from reformer import LSHAttention, ReformerConfig
 from controls import ANALYSIS, CONTROLS
 from performer import PerformerAttention
-from sea import GrowingRows, SEAAttention, SEAConfig, causal_mask, exact_attention, grouped_matmul
+from sea import GatedSparseAttention, GrowingRows, SEAAttention, SEAConfig, causal_mask, exact_attention, grouped_matmul
 from data import has_gguf_magic
 from weights import GPT2_VOCAB_SIZE, LLAMA_FAMILY, PRETRAINED, is_hub_name, read_pretrained
 
@@ -330,6 +330,9 @@ class Decoder(nn.Module):
         self.lm_head = None if c.tied_output else nn.Linear(c.embedding_width, c.vocab_size, bias=False)
         self.dropout = nn.Dropout(c.dropout)
         self.apply(self._init_weights)
+        for block in self.layers:  # SEA's gates keep their own start, not the zero bias given to every linear layer
+            if isinstance(block.self_attn.mechanism, GatedSparseAttention):
+                block.self_attn.mechanism.reset_gates()
 
     @staticmethod
     def _init_weights(module):

@@ -807,7 +807,13 @@ class GatedSparseAttention(nn.Module):
         self.positions = nn.Parameter(torch.randn(max_positions, D))  # P, step 1
         self.encoder = make_encoder(D)  # step 2
         self.gates = nn.Linear(2 * D, 2)  # (g0, g1), steps 7-8
-        nn.init.constant_(self.gates.bias, 3.0)  # sigmoid(3) = 0.95: start close to plain sparse attention
+        self.reset_gates()
+
+    def reset_gates(self):
+        """The gates' start: sigmoid(3) = 0.95, close to plain sparse attention (a model's own initialisation
+        of its linear layers, which zeroes biases, calls this after it)."""
+        self.gates.reset_parameters()
+        nn.init.constant_(self.gates.bias, 3.0)
 
     def open_gates(self):
         """Gates fully open, sigmoid(g0) = sigmoid(g1) = 1 exactly (in float32 and float64): the output is

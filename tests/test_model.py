@@ -109,6 +109,14 @@ def test_causality_dense():
     assert not torch.allclose(a[:, p + 1:], b[:, p + 1:])
 
 
+@pytest.mark.parametrize("attn", ["sea", "sink-window"])
+def test_a_new_models_gates_start_where_the_mechanism_puts_them(attn):
+    """The model's initialisation zeroes its linear layers' biases; SEA's gates start at sigmoid(3) all the same."""
+    model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=32, attn=attn))
+    for block in model.layers:
+        assert torch.equal(block.self_attn.mechanism.gates.bias, torch.full((2,), 3.0))
+
+
 def test_eager_path_matches_sdpa():
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.preset("tiny", n_layer=2, block_size=32)).eval()
