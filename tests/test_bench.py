@@ -98,9 +98,10 @@ def mechanism_calls_of_a_step(T, finalists=1, layout_known=False):
 
 
 def test_a_decoding_step_of_ours_stays_within_its_operator_calls():
-    """Measured at 273 and 378: the heuristic's block moments and spread bonus about 100 calls, its bins' scores
-    in one scatter about 50, steps 4-7 95 (with finalists 200), the prefix sums' growth 18. Issue 34 asks for 100
-    a layer in all (the model around the mechanism makes about 210 of its own); this bound keeps what is reached."""
+    """Measured at 229 and 334 (273 and 378 with float64 prefix sums of the keys in place of KeyBlocks): the
+    heuristic's block logits and spread bonus about 70 calls, its bins' scores in one scatter about 50, steps 4-7
+    95 (with finalists 200). Issue 34 asks for 100 a layer in all (the model around the mechanism makes about 210
+    of its own); this bound keeps what is reached."""
     assert mechanism_calls_of_a_step(1500, layout_known=True) <= 300
     assert mechanism_calls_of_a_step(1500, finalists=2, layout_known=True) <= 400
 
