@@ -148,8 +148,8 @@ class HeuristicBinAttention(GatedSparseAttention):
     def decode_row(self, q, k, v, row, state):
         """The row `row` (q (B, H, 1, D); k, v (B, H_kv, row + 1, D)) in few operator calls: the heuristic's
         scores (heuristic_row_scores, the block moments grown when a block completes) and steps 4-7
-        (row_sparse_attention), with the row's layout and budgets worked out on the host once for every layer. The same numbers as
-        attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
+        (row_sparse_attention), with the row's layout and budgets worked out on the host once for every layer.
+        The same numbers as attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
         cfg = self.cfg
         with torch.no_grad():
             s_hat = heuristic_row_scores(q, k, state.key_blocks, row, cfg.t_m, cfg.sub_bins)

@@ -403,8 +403,9 @@ def heuristic_row_scores(q, k, blocks, row, t_m, sub_bins):
     """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
     runs it: the same numbers, with the row's layout (row_layout: its bins, blocks and their indices) known on
     the host, the block moments (KeyBlocks) read for the middle bins' blocks only, and every bin's log of the
-    mean of exp over its units (the middle bins' blocks, the end bins' keys) in one scatter of the units' logits (each bin
-    shifted by its own largest), so a step makes a fixed, small number of operator calls whatever the context."""
+    mean of exp over its units (the middle bins' blocks, the end bins' keys) in one scatter of the units' logits
+    (each bin shifted by its own largest), so a step makes a fixed, small number of operator calls whatever the
+    context."""
     layout = row_layout(row, t_m, sub_bins, q.device)
     q, k = full_precision(q), full_precision(k)
     mean, variance = (m[:, :, layout.first:] for m in blocks.moments(k, layout.size, layout.end))
