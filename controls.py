@@ -126,7 +126,7 @@ class HeuristicBinAttention(GatedSparseAttention):
 
     def choose_keys(self, q, k, e, rows, key_blocks):
         with torch.no_grad():  # a choice: no gradient passes it
-            s_hat = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins)
+            s_hat = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins, self.cfg.overlap)
         return self.keep(s_hat, q, k, rows)
 
     def keep(self, s_hat, q, k, rows):
@@ -152,8 +152,8 @@ class HeuristicBinAttention(GatedSparseAttention):
         The same numbers as attend_chunk's (tested); returns (out (B, H, 1, D), the state after the row)."""
         cfg = self.cfg
         with torch.no_grad():
-            s_hat = heuristic_row_scores(q, k, state.key_blocks, row, cfg.t_m, cfg.sub_bins)
-        layout = row_layout(row, cfg.t_m, cfg.sub_bins, q.device)
+            s_hat = heuristic_row_scores(q, k, state.key_blocks, row, cfg.t_m, cfg.sub_bins, cfg.overlap)
+        layout = row_layout(row, cfg.t_m, cfg.sub_bins, q.device, cfg.overlap)
         budget = row_cell_budget(row, self.n_head, cfg.k, cfg.t_m)
         finalists = row_cell_budget(row, self.n_head, cfg.finalists * cfg.k, cfg.t_m) if cfg.finalists > 1 else 0
         context = row_sparse_attention(q, k, v, s_hat, layout, budget, finalists)

@@ -254,7 +254,8 @@ def evaluate_selection(args, model):
                        seconds_per_row=statistics.fmean(w[kind]["seconds_per_row"] for w in windows),
                        per_layer=[w[kind]["per_layer"] for w in windows]) for kind in kinds}
     print(f"choices on the dense model's own attention, {len(windows)} window(s) of {block_size} tokens, k = {config.k}, "
-          f"T_M = {config.t_m}, sub-bins {config.sub_bins}, finalists {config.finalists}, blocks of {config.block}; "
+          f"T_M = {config.t_m}, sub-bins {config.sub_bins}, finalists {config.finalists}"
+          f"{', overlapping runs' if config.overlap else ''}, blocks of {config.block}; "
           f"late rows {windows[0][kinds[0]]['rows']}"
           f" (+{windows[0][kinds[0]]['rows_per_piece']} each)\n{'method':<18} {'recall':>7} {'output error':>13} "
           f"{'ms a row (30 layers)':>21}")
@@ -570,6 +571,9 @@ def parse_args(argv):
     p.add_argument("--finalists", type=positive_int, default=SEAConfig.finalists,
                    help="--attn sea-heuristic: rescore the estimate's top F x budget cells of a row exactly from "
                         "their keys before the final choice (1: none)")
+    p.add_argument("--overlap", action="store_true",
+                   help="--attn sea-heuristic: a bin's estimate reads every block that holds one of its keys, not only "
+                        "those whose middle falls in it (for --finalists: no strong key credited to the next bin alone)")
     p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
                                                            "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")
@@ -626,7 +630,7 @@ def attention_swap(args):
 def swap_config(args):
     """The SEAConfig of --attn's (and --selection-recall's) knobs."""
     return SEAConfig(k=args.k or SEAConfig.k, t_m=args.t_m, sinks=args.sinks, block=args.block, sub_bins=args.sub_bins,
-                     finalists=args.finalists)
+                     finalists=args.finalists, overlap=args.overlap)
 
 
 def evaluate_model(p, args, model):

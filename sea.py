@@ -53,6 +53,7 @@ class SEAConfig:
     block: int = 4  # the block controls: keys per fixed block
     sub_bins: int = 4  # the heuristic estimate (residual estimator, sea-heuristic): key blocks per bin, at least
     finalists: int = 1  # sea-heuristic: the estimate's top finalists x n_i cells of a row rescored exactly (1: none)
+    overlap: bool = False  # the heuristic estimate: a bin reads every block holding one of its keys (bin_block_runs)
 
     def __post_init__(self):
         if self.k < 1:
@@ -272,12 +273,20 @@ def heuristic_block_size(rows, blocks):
     return ((rows + 1) // blocks).clamp_min(1)
 
 
-def bins_first_blocks(rows, t_m, size, count):
-    """(R, T_M + 1): the first of the blocks of `size` keys that bin c of row i takes, at most count; a bin takes
-    the blocks whose middle falls in it: block j's middle, j size + size / 2, lies in bin c of row i from the
-    first j with (2 j + 1) size T_M >= 2 c (i + 1)."""
+def bin_block_runs(rows, t_m, size, count, overlap=False):
+    """Which of the first `count` blocks of `size` keys each bin c of row i takes: the run of blocks first ..
+    first + length - 1, (R, T_M) each. By default the blocks whose middle falls in the bin: block j's middle,
+    j size + size / 2, lies in bin c from the first j with (2 j + 1) size T_M >= 2 c (i + 1), so each block
+    counts once. With `overlap`, every block that holds one of the bin's keys, so a block across a bin's edge
+    counts in both bins: a strong key is never credited to the next bin alone (for the finalists, whose exact
+    scores then take back what a bin was lent)."""
+    if overlap:
+        edges = bin_edges(rows, t_m)  # (R, T_M + 1)
+        first = (edges[:, :-1] // size).clamp(max=count)
+        return first, ((edges[:, 1:] + size - 1) // size).clamp(max=count) - first
     c = torch.arange(t_m + 1, device=rows.device)
-    return (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)
+    starts = (-((size * t_m - 2 * c * (rows[:, None] + 1)) // (2 * size * t_m))).clamp(0, count)  # (R, T_M + 1)
+    return starts[:, :-1], starts.diff(dim=-1)
 
 
 def block_logits(q, mean, variance, size):
@@ -291,14 +300,13 @@ def block_logits(q, mean, variance, size):
     return logits
 
 
-def mean_over_block_runs(logits, starts):
-    """log of the mean of exp(logits) over runs of consecutive blocks: logits (B, H, R, n); starts (R, C + 1) (or
-    (1, C + 1) for every row), run c the blocks starts[c] .. starts[c + 1] - 1 -> (B, H, R, C). A run holds a few
-    blocks (at most about 2 sub-bins + 1), so its exp are summed a place in the run at a time: one gather per
+def mean_over_block_runs(logits, first, blocks):
+    """log of the mean of exp(logits) over runs of consecutive blocks: logits (B, H, R, n); run c of row r the
+    blocks first[r, c] .. first[r, c] + blocks[r, c] - 1 ((R, C) each) -> (B, H, R, C). A run holds a few
+    blocks (at most about 2 sub-bins + 2), so its exp are summed a place in the run at a time: one gather per
     place, the places past a run's end left out; no block outside a run is read. The exp are taken below each
     row's largest logit; a run with no block (or all of whose exp underflow) gets the dtype's lowest number."""
     B, H, R, n = logits.shape
-    first, blocks = starts[:, :-1], starts.diff(dim=-1)  # (R, C) each
     if n == 0:  # no block at all
         return logits.new_full((B, H, R, first.size(-1)), torch.finfo(logits.dtype).min)
     shift = logits.detach().amax(-1, keepdim=True)  # (B, H, R, 1)
@@ -311,24 +319,25 @@ def mean_over_block_runs(logits, starts):
     return log_mean.clamp_min(torch.finfo(logits.dtype).min)
 
 
-def block_bin_scores(q, k, blocks, rows, t_m, size):
+def block_bin_scores(q, k, blocks, rows, t_m, size, overlap=False):
     """The middle bins' part of heuristic_bin_scores for the query rows q (B, H, R, D) at positions `rows`, all of
     whose blocks hold `size` keys: (B, H, R, T_M), each bin the log of the mean of exp(q_i . k_j) over the keys
-    of the blocks whose middle falls in it (block_logits, mean_over_block_runs). Two matmuls and a few gathers:
-    O(T / size) work a row. The first and the last bin here are not used."""
+    of its blocks (bin_block_runs; block_logits, mean_over_block_runs). Two matmuls and a few gathers: O(T / size)
+    work a row. The first and the last bin here are not used."""
     count = (int(rows[-1]) + 1) // size  # the blocks complete in the last row
     logits = block_logits(q, *blocks.moments(k, size, count), size)  # (B, H, R, n)
-    return mean_over_block_runs(logits, bins_first_blocks(rows, t_m, size, count))
+    return mean_over_block_runs(logits, *bin_block_runs(rows, t_m, size, count, overlap))
 
 
-def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins):
+def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins, overlap=False):
     """Ours, no training: an estimate of s_hat (B, H, R, T_M) for the query rows q (B, H, R, D) at
     positions `rows` from the keys k (B, H_kv, T, D) themselves. s_hat gives every key of bin c the
     weight exp(s_c), so the ideal s_c is the log of the mean of exp(q_i . k_j) over the bin's keys.
     The middle bins estimate it from fixed blocks of keys (block_bin_scores), at least `sub_bins` a bin
-    (heuristic_block_size), every block's logits from their mean and variance (the KeyBlocks `blocks`,
-    grown as they complete) as mean + spread_bonus. Without the spread (the mean logit alone, a lower bound by
-    Jensen) a block of 8 keys that holds one strong key is undervalued many times over. The first bin
+    (heuristic_block_size; which blocks a bin takes: bin_block_runs, with `overlap`), every block's logits from
+    their mean and variance (the KeyBlocks `blocks`, grown as they complete) as mean + spread_bonus. Without the
+    spread (the mean logit alone, a lower bound by Jensen) a block of 8 keys that holds one strong key is
+    undervalued many times over. The first bin
     (the attention sink) and the last (the query's own neighbourhood), where pretrained heads put much
     mass on single keys, are computed exactly from their few keys. 0 for empty bins.
     O(T / block size) work a row: between T_M sub_bins and twice that."""
@@ -336,7 +345,7 @@ def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins):
     q, k = full_precision(q), full_precision(k)
     sizes, counts = torch.unique_consecutive(heuristic_block_size(rows, t_m * sub_bins), return_counts=True)
     parts = torch.arange(R, device=q.device).split(counts.tolist())  # the runs of rows with one block size
-    middle = torch.cat([block_bin_scores(q[:, :, part], k, blocks, rows[part], t_m, int(size))
+    middle = torch.cat([block_bin_scores(q[:, :, part], k, blocks, rows[part], t_m, int(size), overlap)
                         for part, size in zip(parts, sizes)], dim=2)
     widths = bin_widths(rows, t_m)  # (R, T_M)
     W = -(-k.size(2) // t_m) + 1  # the widest a bin can be, known without a host sync
@@ -353,15 +362,17 @@ def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins):
 class RowLayout(NamedTuple):
     """What a decoding step needs of a row's shape, which depends on its position alone. For
     heuristic_row_scores: the block size; the middle bins' blocks, first .. end - 1; the keys of the first and
-    the last bin, end_keys; the bin of each of those blocks and keys, unit_bin (blocks, then end keys); the log of
-    how many a bin holds, log_units (T_M,) (0 where none); empty (T_M,) bool, a short row's empty bins, or None.
-    For row_sparse_attention: each bin's keys, widths (T_M,), the widest bin's keys, widest, and each bin's keys
-    as a row of that many, bin_keys (T_M, widest) (past a bin's own keys, others up to the row's last, or it
-    again) and which of them are its own, bin_inside (T_M, widest) bool."""
+    the last bin, end_keys; the units, each a place in those blocks then those keys, unit_index (None where each
+    is one place in order; with overlapping runs a block across a bin's edge is a unit of both bins), and the bin
+    of each, unit_bin; the log of how many a bin holds, log_units (T_M,) (0 where none); empty (T_M,) bool, a
+    short row's empty bins, or None. For row_sparse_attention: each bin's keys, widths (T_M,), the widest bin's
+    keys, widest, and each bin's keys as a row of that many, bin_keys (T_M, widest) (past a bin's own keys, others
+    up to the row's last, or it again) and which of them are its own, bin_inside (T_M, widest) bool."""
     size: int
     first: int
     end: int
     end_keys: torch.Tensor
+    unit_index: Optional[torch.Tensor]
     unit_bin: torch.Tensor
     log_units: torch.Tensor
     empty: Optional[torch.Tensor]
@@ -372,16 +383,22 @@ class RowLayout(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4)
-def row_layout(row, t_m, sub_bins, device):
+def row_layout(row, t_m, sub_bins, device, overlap=False):
     """The RowLayout of row `row`: worked out once a decoded token, shared by every layer."""
     rows = torch.tensor([row])
     edges = bin_edges(rows, t_m)[0]  # (T_M + 1,)
     widths = edges.diff()  # (T_M,)
     size = int(heuristic_block_size(rows, t_m * sub_bins))
-    starts = bins_first_blocks(rows, t_m, size, (row + 1) // size)[0]  # (T_M + 1,): bin c's first block
-    first, end = int(starts[1]), int(starts[t_m - 1])
+    runs = bin_block_runs(rows, t_m, size, (row + 1) // size, overlap)
+    first, lengths = (x[0, 1:t_m - 1] for x in runs)  # (T_M - 2,) each: bin c's blocks first .. first + length - 1
+    lo, hi = int(first[0]), int((first + lengths).max())
+    places = torch.arange(int(lengths.sum())) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+    blocks = first.repeat_interleave(lengths) + places  # each middle unit's block
     end_keys = torch.cat([torch.arange(edges[1]), torch.arange(edges[t_m - 1], row + 1)])  # the end bins' keys
-    unit_bin = torch.cat([torch.searchsorted(starts[1:t_m], torch.arange(first, end), right=True),  # 1 .. T_M - 2
+    unit_index = None
+    if not torch.equal(blocks, torch.arange(lo, hi)):  # a block in two bins
+        unit_index = torch.cat([blocks - lo, hi - lo + torch.arange(len(end_keys))]).to(device)
+    unit_bin = torch.cat([torch.arange(1, t_m - 1).repeat_interleave(lengths),
                           torch.zeros(int(edges[1]), dtype=torch.long),
                           torch.full((row + 1 - int(edges[t_m - 1]),), t_m - 1)])
     units = torch.zeros(t_m).index_add_(0, unit_bin, torch.ones(len(unit_bin)))
@@ -389,8 +406,9 @@ def row_layout(row, t_m, sub_bins, device):
     widest = int(widths.max())
     slot = edges[:-1, None] + torch.arange(widest)  # (T_M, widest)
     inside = slot < edges[1:, None]
-    return RowLayout(size, first, end, end_keys.to(device), unit_bin.to(device), units.clamp_min(1).log().to(device),
-                     empty, widths.to(device), widest, slot.clamp(max=row).to(device), inside.to(device))
+    return RowLayout(size, lo, hi, end_keys.to(device), unit_index, unit_bin.to(device),
+                     units.clamp_min(1).log().to(device), empty, widths.to(device), widest, slot.clamp(max=row).to(device),
+                     inside.to(device))
 
 
 @functools.lru_cache(maxsize=4)
@@ -399,19 +417,21 @@ def row_cell_budget(row, n_head, keys_per_head, t_m):
     return int(row_budget(torch.tensor([row]), n_head, keys_per_head, t_m))
 
 
-def heuristic_row_scores(q, k, blocks, row, t_m, sub_bins):
+def heuristic_row_scores(q, k, blocks, row, t_m, sub_bins, overlap=False):
     """heuristic_bin_scores for one query row q (B, H, 1, D) at position `row` (an int), as a decoding step
     runs it: the same numbers, with the row's layout (row_layout: its bins, blocks and their indices) known on
     the host, the block moments (KeyBlocks) read for the middle bins' blocks only, and every bin's log of the
     mean of exp over its units (the middle bins' blocks, the end bins' keys) in one scatter of the units' logits
     (each bin shifted by its own largest), so a step makes a fixed, small number of operator calls whatever the
     context."""
-    layout = row_layout(row, t_m, sub_bins, q.device)
+    layout = row_layout(row, t_m, sub_bins, q.device, overlap)
     q, k = full_precision(q), full_precision(k)
     mean, variance = (m[:, :, layout.first:] for m in blocks.moments(k, layout.size, layout.end))
     middle = block_logits(q, mean, variance, layout.size)
     ends = grouped_matmul(q, k[:, :, layout.end_keys].transpose(-2, -1))  # the end bins' keys, exactly
     logits = torch.cat([middle, ends], dim=-1)  # (B, H, 1, units)
+    if layout.unit_index is not None:
+        logits = logits[..., layout.unit_index]
     unit_bin = layout.unit_bin.expand_as(logits)
     shift = logits.new_full((*logits.shape[:3], t_m), float("-inf")).scatter_reduce_(-1, unit_bin, logits, "amax")
     mass = logits.new_zeros(shift.shape).scatter_add_(-1, unit_bin, (logits - shift.gather(-1, unit_bin)).exp_())
@@ -989,7 +1009,8 @@ class SEAAttention(GatedSparseAttention):
         s_hat = self.decoder(e)[:, :, -q.size(2):]
         if self.residual:  # the heuristic is the keys' own: no gradient reaches q and k through it
             with torch.no_grad():
-                heuristic = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins)
+                heuristic = heuristic_bin_scores(q, k, key_blocks, rows, self.cfg.t_m, self.cfg.sub_bins,
+                                                 self.cfg.overlap)
             s_hat = s_hat + heuristic
         return s_hat
 

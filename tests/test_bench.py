@@ -91,7 +91,7 @@ def mechanism_calls_of_a_step(T, finalists=1, layout_known=False):
     row_layout.cache_clear()
     row_cell_budget.cache_clear()
     if layout_known:
-        row_layout(T, sea.t_m, sea.sub_bins, torch.device("cpu"))
+        row_layout(T, sea.t_m, sea.sub_bins, torch.device("cpu"), sea.overlap)
         for keys_per_head in {sea.k, finalists * sea.k}:
             row_cell_budget(T, config.n_head, keys_per_head, sea.t_m)
     return bench.operator_calls(model, lambda: model.next_logits(idx[:, T:], caches))[1]

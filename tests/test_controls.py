@@ -61,10 +61,10 @@ def naive_bin(i, j, T_M):
     return min(T_M - 1, math.floor((j + 0.5) * T_M / (i + 1)))
 
 
-def naive_heuristic_scores(q, k, T_M, sub_bins):
+def naive_heuristic_scores(q, k, T_M, sub_bins, overlap=False):
     """(H, T, T_M) for one batch: the log of the mean of exp(q_i . k_j) over the first and last bins' keys;
-    over the others', the blocks of b keys from key 0 (b = (i + 1) // (T_M sub_bins), at least 1)
-    whose middle lies in the bin, each counted as its keys at exp(mean + variance / 2) of their logits, the variance
+    over the others', the complete blocks of b keys from key 0 (b = (i + 1) // (T_M sub_bins), at least 1)
+    whose middle lies in the bin (with overlap: that hold one of its keys), each counted as its keys at exp(mean + variance / 2) of their logits, the variance
     sum_d q_d^2 Var(k_d), or if less, at the mean exp of as many logits of that mean and variance with one far
     above the rest; 0 for empty bins."""
     H, T, _ = q.shape
@@ -80,6 +80,9 @@ def naive_heuristic_scores(q, k, T_M, sub_bins):
                 scores[:, i, c] = logits.logsumexp(-1) - math.log(len(keys))
                 continue
             blocks = [b for b in range(T // size) if math.floor((b * size + size / 2) * T_M / (i + 1)) == c]
+            if overlap:
+                blocks = [b for b in range((i + 1) // size) if c in {naive_bin(i, j, T_M) for j in range(b * size,
+                                                                                                  (b + 1) * size)}]
             total = 0
             for b in blocks:
                 assert (b + 1) * size <= i + 1  # a middle bin's blocks are complete
@@ -94,15 +97,18 @@ def naive_heuristic_scores(q, k, T_M, sub_bins):
     return scores
 
 
-@pytest.mark.parametrize("sub_bins, T_M", [(1, 8), (3, 4), (1, 4)])
-def test_the_heuristic_estimate_is_exact_at_the_ends_and_pools_blocks_between(sub_bins, T_M):
+@pytest.mark.parametrize("sub_bins, T_M, overlap", [(1, 8, False), (3, 4, False), (1, 4, False), (1, 8, True),
+                                                    (3, 4, True)])
+def test_the_heuristic_estimate_is_exact_at_the_ends_and_pools_blocks_between(sub_bins, T_M, overlap):
     torch.manual_seed(0)
     H, T, D = 2, 70, 8
     q = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, H, T, D, dtype=torch.float64, requires_grad=True)
     rows = torch.arange(T)
-    ours = heuristic_bin_scores(q, k, KeyBlocks(), rows, T_M, sub_bins)
-    torch.testing.assert_close(ours[0], naive_heuristic_scores(q[0], k[0], T_M, sub_bins))
+    ours = heuristic_bin_scores(q, k, KeyBlocks(), rows, T_M, sub_bins, overlap)
+    torch.testing.assert_close(ours[0], naive_heuristic_scores(q[0], k[0], T_M, sub_bins, overlap))
+    if overlap:  # blocks across a bin's edge: some bins read more than their own blocks
+        assert not torch.allclose(ours, heuristic_bin_scores(q, k, KeyBlocks(), rows, T_M, sub_bins))
     ours.sum().backward()  # distillation trains q and k through it: finite, even for the empty bins of short rows
     assert q.grad.isfinite().all() and k.grad.isfinite().all()
 

@@ -150,20 +150,20 @@ def test_a_cache_of_known_capacity_is_allocated_once():
     assert cache.keys.buffer.size(2) == 22 and torch.equal(keys, k)
 
 
-def open_heuristic(n_head=4, kv_heads=2, head_dim=16, T=90, finalists=1, batch=1):
+def open_heuristic(n_head=4, kv_heads=2, head_dim=16, T=90, finalists=1, batch=1, overlap=False):
     """sea-heuristic with open gates (the training-free use), T_M 8 and 2 key blocks a bin: blocks of one key up
     to row 31, of 2 from row 31, of 5 by row 89; two query heads per key/value head."""
     torch.manual_seed(0)
-    config = SEAConfig(k=2, t_m=8, sub_bins=2, finalists=finalists)
+    config = SEAConfig(k=2, t_m=8, sub_bins=2, finalists=finalists, overlap=overlap)
     attention = HeuristicBinAttention(n_head, head_dim, T, config).double().eval()
     q = torch.randn(batch, n_head, T, head_dim, dtype=torch.float64)
     k, v = (torch.randn(batch, kv_heads, T, head_dim, dtype=torch.float64) for _ in range(2))
     return attention.open_gates(), q, k, v
 
 
-@pytest.mark.parametrize("finalists, batch", [(1, 1), (2, 1), (2, 3)])
-def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, finalists, batch):
-    attention, q, k, v = open_heuristic(finalists=finalists, batch=batch)
+@pytest.mark.parametrize("finalists, batch, overlap", [(1, 1, False), (2, 1, False), (2, 3, False), (2, 1, True)])
+def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, finalists, batch, overlap):
+    attention, q, k, v = open_heuristic(finalists=finalists, batch=batch, overlap=overlap)
     steps = []
     original = HeuristicBinAttention.decode_row
     monkeypatch.setattr(HeuristicBinAttention, "decode_row", lambda *args: steps.append(1) or original(*args))
@@ -178,11 +178,12 @@ def test_a_heuristic_decoding_step_of_one_row_equals_the_full_pass(monkeypatch, 
     torch.testing.assert_close(torch.cat(outs, dim=2), full)
 
 
-def test_the_heuristics_one_row_scores_equal_its_scores_of_every_row():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_heuristics_one_row_scores_equal_its_scores_of_every_row(overlap):
     _, q, k, _ = open_heuristic()
     rows = torch.arange(q.size(2))
-    every_row = heuristic_bin_scores(q, k, KeyBlocks(), rows, 8, 2)
+    every_row = heuristic_bin_scores(q, k, KeyBlocks(), rows, 8, 2, overlap)
     blocks = KeyBlocks()  # grown a row at a time, as decoding grows it
     for row in range(q.size(2)):
-        one = heuristic_row_scores(q[:, :, row:row + 1], k[:, :, :row + 1], blocks, row, 8, 2)
+        one = heuristic_row_scores(q[:, :, row:row + 1], k[:, :, :row + 1], blocks, row, 8, 2, overlap)
         torch.testing.assert_close(one, every_row[:, :, row:row + 1], msg=f"row {row}")
