@@ -572,8 +572,9 @@ def parse_args(argv):
                    help="--attn sea-heuristic: rescore the estimate's top F x budget cells of a row exactly from "
                         "their keys before the final choice (1: none)")
     p.add_argument("--overlap", action="store_true",
-                   help="--attn sea-heuristic: a bin's estimate reads every block that holds one of its keys, not only "
-                        "those whose middle falls in it (for --finalists: no strong key credited to the next bin alone)")
+                   help="--attn sea-heuristic: a bin's estimate reads every block that holds one of its keys, not "
+                        "only those whose middle falls in it (with --finalists: no strong key is credited to the next "
+                        "bin alone)")
     p.add_argument("--sink-bin", action="store_true", help="a SEA model: every head keeps the bin of key 0 "
                                                            "(SEAConfig.sink_bin; train.py --sink-bin trains so)")
     p.add_argument("--split", choices=SPLITS, default="test")

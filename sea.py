@@ -337,9 +337,9 @@ def heuristic_bin_scores(q, k, blocks, rows, t_m, sub_bins, overlap=False):
     (heuristic_block_size; which blocks a bin takes: bin_block_runs, with `overlap`), every block's logits from
     their mean and variance (the KeyBlocks `blocks`, grown as they complete) as mean + spread_bonus. Without the
     spread (the mean logit alone, a lower bound by Jensen) a block of 8 keys that holds one strong key is
-    undervalued many times over. The first bin
-    (the attention sink) and the last (the query's own neighbourhood), where pretrained heads put much
-    mass on single keys, are computed exactly from their few keys. 0 for empty bins.
+    undervalued many times over. The first bin (the attention sink) and the last (the query's own
+    neighbourhood), where pretrained heads put much mass on single keys, are computed exactly from their few
+    keys. 0 for empty bins.
     O(T / block size) work a row: between T_M sub_bins and twice that."""
     B, H, R, _ = q.shape
     q, k = full_precision(q), full_precision(k)
@@ -407,8 +407,8 @@ def row_layout(row, t_m, sub_bins, device, overlap=False):
     slot = edges[:-1, None] + torch.arange(widest)  # (T_M, widest)
     inside = slot < edges[1:, None]
     return RowLayout(size, lo, hi, end_keys.to(device), unit_index, unit_bin.to(device),
-                     units.clamp_min(1).log().to(device), empty, widths.to(device), widest, slot.clamp(max=row).to(device),
-                     inside.to(device))
+                     units.clamp_min(1).log().to(device), empty, widths.to(device), widest,
+                     slot.clamp(max=row).to(device), inside.to(device))
 
 
 @functools.lru_cache(maxsize=4)

@@ -64,9 +64,9 @@ def naive_bin(i, j, T_M):
 def naive_heuristic_scores(q, k, T_M, sub_bins, overlap=False):
     """(H, T, T_M) for one batch: the log of the mean of exp(q_i . k_j) over the first and last bins' keys;
     over the others', the complete blocks of b keys from key 0 (b = (i + 1) // (T_M sub_bins), at least 1)
-    whose middle lies in the bin (with overlap: that hold one of its keys), each counted as its keys at exp(mean + variance / 2) of their logits, the variance
-    sum_d q_d^2 Var(k_d), or if less, at the mean exp of as many logits of that mean and variance with one far
-    above the rest; 0 for empty bins."""
+    whose middle lies in the bin (with overlap: that hold one of its keys), each counted as its keys at
+    exp(mean + variance / 2) of their logits, the variance sum_d q_d^2 Var(k_d), or if less, at the mean exp of
+    as many logits of that mean and variance with one far above the rest; 0 for empty bins."""
     H, T, _ = q.shape
     scores = torch.zeros(H, T, T_M, dtype=q.dtype)
     for i in range(T):

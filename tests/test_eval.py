@@ -175,6 +175,13 @@ def test_passkey_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert [r["key"] for r in json.loads((tmp_path / "keys.json").read_text())["records"]] == [r["key"] for r in records]
 
 
+def test_the_heuristics_flags_reach_its_config():
+    _, args = evaluate.parse_args(["--init-from", "smollm2-135m", "--attn", "sea-heuristic", "--finalists", "2",
+                                   "--overlap"])
+    assert (evaluate.swap_config(args).finalists, evaluate.swap_config(args).overlap) == (2, True)
+    assert not evaluate.swap_config(evaluate.parse_args(["--init-from", "smollm2-135m"])[1]).overlap
+
+
 def test_selection_recall_equals_the_whole_map_formula():
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.preset("tiny-llama", n_layer=2, block_size=64)).eval()  # grouped-query heads
