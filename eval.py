@@ -732,6 +732,15 @@ def passkey_prompt(tokenizer, length, depth, key):
         fillers -= 1
 
 
+def answer_margin(logits, token):
+    """How sure the first step of an answer was: the logit of `token` (the first of the right answer) over the
+    largest other, from logits (vocab,). Greedy decoding starts the answer right exactly when it is > 0; a pass
+    by a fraction of a logit is one that any small change to the attention can turn."""
+    others = logits.float().clone()
+    others[token] = float("-inf")
+    return float(logits[token] - others.max())
+
+
 def passkey_passed(answer, key):
     """A pass: the first number in the generated text is the key."""
     number = re.search(r"\d+", answer)
@@ -753,12 +762,14 @@ def passkey_retrieval(model, lengths, depths, keys_per_cell, seed, device):
         for depth in depths:
             for _ in range(keys_per_cell):
                 prompt = passkey_prompt(tokenizer, length, depth, rng.randint(10000, 99999))
-                out = model.generate(torch.tensor([prompt.ids], device=device), ANSWER_TOKENS, top_k=1)
-                answer = tokenizer.decode(out[0, len(prompt.ids):].tolist())
+                steps = list(model.decode_steps(torch.tensor([prompt.ids], device=device), ANSWER_TOKENS, top_k=1))
+                answer = tokenizer.decode([int(tokens) for tokens, _ in steps])
+                margin = answer_margin(steps[0][1][0], tokenizer.encode_ordinary(f" {prompt.key}")[0])
                 records.append(dict(length=length, depth=depth, key=prompt.key, tokens=len(prompt.ids),
-                                    answer=answer, passed=passkey_passed(answer, prompt.key)))
+                                    answer=answer, passed=passkey_passed(answer, prompt.key), margin=round(margin, 3)))
                 print(f"  length {length}, depth {depth:.2f}: key {prompt.key}, answered {answer.strip()!r} "
-                      f"({'pass' if records[-1]['passed'] else 'miss'}), {time.time() - started:.0f}s", flush=True)
+                      f"({'pass' if records[-1]['passed'] else 'miss'}; margin {margin:+.2f}), "
+                      f"{time.time() - started:.0f}s", flush=True)
     return records
 
 

@@ -423,6 +423,13 @@ class Decoder(nn.Module):
         is configured for contexts up to block_size, so generation stops there: the result is
         (B, T + n) with n = min(max_new_tokens, block_size - T).
         """
+        steps = self.decode_steps(idx, max_new_tokens, temperature, top_k, generator)
+        return torch.cat([idx, *(tokens for tokens, _ in steps)], dim=1)
+
+    @torch.no_grad()
+    def decode_steps(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """generate's steps, one at a time: yields each new token (B, 1) with the logits (B, vocab) it was drawn
+        from, so a caller can read how sure the model was (eval.py's pass keys)."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be positive (use top_k=1 for greedy decoding)")
         if top_k is not None and top_k < 1:
@@ -435,10 +442,9 @@ class Decoder(nn.Module):
         caches = [LayerCache(capacity=idx.size(1) + new_tokens) for _ in self.layers]
         tokens = idx
         for _ in range(new_tokens):
-            logits = self.next_logits(tokens, caches)
-            tokens = sample_next_token(logits[:, -1], temperature, top_k, generator)  # (B, 1)
-            idx = torch.cat([idx, tokens], dim=1)
-        return idx
+            logits = self.next_logits(tokens, caches)[:, -1]  # (B, vocab)
+            tokens = sample_next_token(logits, temperature, top_k, generator)  # (B, 1)
+            yield tokens, logits
 
     # -------------------------------------------------------------------------
     # loading

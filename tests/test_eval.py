@@ -156,6 +156,13 @@ def test_a_passkey_answer_passes_when_its_first_number_is_the_key():
     assert not evaluate.passkey_passed(" 1 48213", 48213)
 
 
+def test_the_answer_margin_is_the_tokens_logit_over_the_best_other():
+    logits = torch.tensor([1.0, 3.0, 2.5, -1.0])
+    assert evaluate.answer_margin(logits, 1) == pytest.approx(0.5)  # greedy decoding takes it
+    assert evaluate.answer_margin(logits, 2) == pytest.approx(-0.5)
+    assert evaluate.answer_margin(logits, 3) == pytest.approx(-4.0)
+
+
 def test_passkey_end_to_end_on_a_tiny_model(tmp_path, capsys):
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.preset("tiny", n_layer=1, block_size=256))
@@ -170,6 +177,7 @@ def test_passkey_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert [(r["length"], r["depth"]) for r in records] == [(128, 0), (128, 0), (128, 1), (128, 1),
                                                              (256, 0), (256, 0), (256, 1), (256, 1)]
     assert all(r["passed"] == evaluate.passkey_passed(r["answer"], r["key"]) for r in records)
+    assert all(math.isfinite(r["margin"]) for r in records) and "margin" in out
     assert (tmp_path / "keys.png").stat().st_size > 0
     evaluate.main(args)  # the same keys for the dense model, given the seed
     assert [r["key"] for r in json.loads((tmp_path / "keys.json").read_text())["records"]] == [r["key"] for r in records]

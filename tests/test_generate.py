@@ -51,6 +51,17 @@ def test_greedy_generation_equals_rerunning_the_full_pass(attn):
     assert torch.equal(generated, expected)
 
 
+def test_each_decoding_step_yields_its_token_and_the_logits_of_the_full_pass():
+    model = tiny_model("sea")
+    sequence = torch.randint(0, 50257, (1, 6))
+    for tokens, logits in model.decode_steps(sequence, 5, top_k=1):
+        with torch.no_grad():
+            expected = model(sequence)[0][:, -1]
+        assert torch.allclose(logits, expected, atol=1e-5) and torch.equal(tokens, logits.argmax(-1, keepdim=True))
+        sequence = torch.cat([sequence, tokens], dim=1)
+    assert sequence.size(1) == 11
+
+
 @pytest.mark.parametrize("estimator", ["paper", "residual"])
 def test_sea_decoding_keeps_the_bins_of_the_full_pass(estimator):
     torch.manual_seed(0)
