@@ -762,9 +762,10 @@ def passkey_retrieval(model, lengths, depths, keys_per_cell, seed, device):
         for depth in depths:
             for _ in range(keys_per_cell):
                 prompt = passkey_prompt(tokenizer, length, depth, rng.randint(10000, 99999))
-                steps = list(model.decode_steps(torch.tensor([prompt.ids], device=device), ANSWER_TOKENS, top_k=1))
-                answer = tokenizer.decode([int(tokens) for tokens, _ in steps])
-                margin = answer_margin(steps[0][1][0], tokenizer.encode_ordinary(f" {prompt.key}")[0])
+                tokens, logits = zip(*model.decode_steps(torch.tensor([prompt.ids], device=device), ANSWER_TOKENS,
+                                                         top_k=1))  # each step's (1, 1) token and (1, vocab) logits
+                answer = tokenizer.decode(torch.cat(tokens, dim=1)[0].tolist())
+                margin = answer_margin(logits[0][0], tokenizer.encode_ordinary(f" {prompt.key}")[0])
                 records.append(dict(length=length, depth=depth, key=prompt.key, tokens=len(prompt.ids),
                                     answer=answer, passed=passkey_passed(answer, prompt.key), margin=round(margin, 3)))
                 print(f"  length {length}, depth {depth:.2f}: key {prompt.key}, answered {answer.strip()!r} "
